@@ -1,0 +1,42 @@
+# The two commands a new user runs: `make demo` and `make test`. Both create .venv when
+# missing and install the package with what they need; nothing has to be installed first.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# torch==2.13.0 (CPU) lies on local disk here; elsewhere pip takes it from PyPI.
+WHEELS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels)
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup test test-fast test-parity test-sharding test-e2e lint format bench demo clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(WHEELS) -e '.[test,bench]'
+	touch $@
+
+setup: $(STAMP)
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: setup
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+# Every tier: fast (no torch), parity (vs transformers), sharding (8 simulated devices), e2e.
+test: lint
+	$(VENV)/bin/pytest tests -q
+
+test-fast test-parity test-sharding test-e2e: setup
+	$(VENV)/bin/pytest tests/$(subst test-,,$@) -q
+
+bench: setup
+	$(PY) benchmarks/load_memory.py
+
+demo: setup
+	$(VENV)/bin/nnx-caption demo
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,0 +1,21 @@
+"""nnx-caption: image captioning (ViT encoder + GPT-2 decoder) in pure Flax NNX."""
+
+from nnx_caption.config import CaptionConfig, ConfigError, GenerationConfig, GPT2Config, ViTConfig
+from nnx_caption.hf import from_pretrained, save_pretrained
+from nnx_caption.model import VisionEncoderDecoder
+from nnx_caption.processing import ImageProcessor, Tokenizer
+from nnx_caption.safetensors_io import CheckpointError
+
+__all__ = [
+    "CaptionConfig",
+    "CheckpointError",
+    "ConfigError",
+    "GPT2Config",
+    "GenerationConfig",
+    "ImageProcessor",
+    "Tokenizer",
+    "ViTConfig",
+    "VisionEncoderDecoder",
+    "from_pretrained",
+    "save_pretrained",
+]

@@ -1,0 +1,92 @@
+"""The `nnx-caption` command."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+
+from nnx_caption.config import ConfigError
+from nnx_caption.safetensors_io import CheckpointError
+
+
+def _copy_aux(src: str, dst: str) -> list[str]:
+    """Tokenizer and image-processor files travel with the weights."""
+    from nnx_caption.hf import AUX_FILES
+
+    copied = []
+    for name in AUX_FILES:
+        path = os.path.join(src, name)
+        if os.path.exists(path) and os.path.abspath(path) != os.path.abspath(
+            os.path.join(dst, name)
+        ):
+            shutil.copyfile(path, os.path.join(dst, name))
+            copied.append(name)
+    return copied
+
+
+def _rewrite(args: argparse.Namespace, layout: str) -> None:
+    from nnx_caption.hf import from_pretrained, resolve, save_pretrained
+
+    src = resolve(args.src, revision=args.revision, cache_dir=args.cache_dir)
+    model = from_pretrained(src)
+    save_pretrained(model, args.dst, layout=layout)
+    copied = _copy_aux(src, args.dst)
+    print(f"wrote {layout.upper()} layout to {args.dst} (+ {', '.join(copied) or 'no aux files'})")
+
+
+def _demo(args: argparse.Namespace) -> None:
+    """Until the training demo lands: convert weights/tiny both ways and check each copy against
+    the logits transformers produced for it."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from nnx_caption.hf import from_pretrained, save_pretrained
+
+    golden = np.load(os.path.join(args.weights, "golden.npz"))
+    inputs = [
+        jnp.asarray(golden[k])
+        for k in ("pixel_values", "decoder_input_ids", "decoder_attention_mask")
+    ]
+    model = from_pretrained(args.weights)
+    for layout in ("nnx", "hf"):
+        out = os.path.join(args.out, layout)
+        save_pretrained(model, out, layout=layout)
+        diff = np.abs(np.asarray(from_pretrained(out)(*inputs)) - golden["logits"]).max()
+        print(f"{layout:>3} layout -> {out}: max |logits - transformers| = {diff:.2e}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nnx-caption", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_ in (
+        ("convert", "write the converted NNX layout (safetensors keyed by NNX path)"),
+        ("export", "write the Hugging Face layout that transformers loads"),
+    ):
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.add_argument("src", help="checkpoint folder (HF or NNX layout) or hub repo id")
+        p.add_argument("dst", help="output folder")
+        p.add_argument("--revision", help="hub revision (branch, tag or commit)")
+        p.add_argument("--cache-dir", help="huggingface_hub cache folder")
+    demo = sub.add_parser("demo", help="the demo job (see README)")
+    demo.add_argument("--weights", default="weights/tiny")
+    demo.add_argument("--out", default="out/demo")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command in ("convert", "export"):
+            _rewrite(args, "nnx" if args.command == "convert" else "hf")
+        elif args.command == "demo":
+            _demo(args)
+    except (CheckpointError, ConfigError) as err:
+        print(f"nnx-caption {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

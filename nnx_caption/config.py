@@ -1,0 +1,297 @@
+"""Frozen model configs, read from and written to Hugging Face `config.json`.
+
+Field names are Hugging Face's own (ViTConfig, GPT2Config, VisionEncoderDecoderConfig), so a
+reader who knows one knows the other, and `from_hf` / `to_hf` are field-for-field copies.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from nnx_caption.layers import ACTIVATIONS
+
+
+class ConfigError(ValueError):
+    """A config.json that is missing, unreadable or describes a model we cannot build."""
+
+
+@dataclass(frozen=True)
+class ViTConfig:
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.0
+    attention_probs_dropout_prob: float = 0.0
+    layer_norm_eps: float = 1e-12
+    image_size: int = 224
+    patch_size: int = 16
+    num_channels: int = 3
+    qkv_bias: bool = True
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def grid_size(self) -> int:
+        """Patches per side of the image size the position embeddings were trained for."""
+        return self.image_size // self.patch_size
+
+
+@dataclass(frozen=True)
+class GPT2Config:
+    vocab_size: int = 50257
+    n_positions: int = 1024
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    n_inner: int | None = None
+    activation_function: str = "gelu_new"
+    resid_pdrop: float = 0.1
+    embd_pdrop: float = 0.1
+    attn_pdrop: float = 0.1
+    layer_norm_epsilon: float = 1e-5
+    scale_attn_weights: bool = True
+    scale_attn_by_inverse_layer_idx: bool = False
+    reorder_and_upcast_attn: bool = False
+    tie_word_embeddings: bool = True
+    bos_token_id: int | None = 50256
+    eos_token_id: int | None = 50256
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def inner_size(self) -> int:
+        return self.n_inner if self.n_inner is not None else 4 * self.n_embd
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """Decoding defaults (generation_config.json), with transformers' defaults."""
+
+    max_length: int = 20
+    max_new_tokens: int | None = None
+    min_length: int = 0
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
+    no_repeat_ngram_size: int = 0
+    num_return_sequences: int = 1
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 50
+    top_p: float = 1.0
+
+
+@dataclass(frozen=True)
+class CaptionConfig:
+    encoder: ViTConfig = field(default_factory=ViTConfig)
+    decoder: GPT2Config = field(default_factory=GPT2Config)
+    decoder_start_token_id: int = 50256
+    pad_token_id: int = 50256
+    eos_token_id: int = 50256
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+
+    @property
+    def needs_enc_to_dec_proj(self) -> bool:
+        # transformers projects encoder states when the widths differ.
+        return self.encoder.hidden_size != self.decoder.n_embd
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any], generation: dict[str, Any] | None = None) -> CaptionConfig:
+        """Builds the config from a VisionEncoderDecoder config.json (+ generation_config)."""
+        if hf.get("model_type") != "vision-encoder-decoder":
+            raise ConfigError(
+                f"model_type is {hf.get('model_type')!r}, expected 'vision-encoder-decoder'"
+            )
+        for part, want in (("encoder", "vit"), ("decoder", "gpt2")):
+            sub = hf.get(part)
+            if not isinstance(sub, dict):
+                raise ConfigError(f"'{part}' is missing: a VisionEncoderDecoder config nests it")
+            if sub.get("model_type") != want:
+                raise ConfigError(
+                    f"{part}.model_type is {sub.get('model_type')!r}; nnx-caption builds {want!r}"
+                )
+        enc, dec = hf["encoder"], hf["decoder"]
+        if dec.get("add_cross_attention") is False:
+            raise ConfigError("decoder.add_cross_attention is false: the decoder must cross-attend")
+        if dec.get("cross_attention_hidden_size") not in (None, enc.get("hidden_size")):
+            raise ConfigError("decoder.cross_attention_hidden_size must equal encoder.hidden_size")
+        encoder = _pick(ViTConfig, enc, "encoder")
+        decoder = _pick(GPT2Config, dec, "decoder")
+        eos = _first(hf.get("eos_token_id"), decoder.eos_token_id)
+        start = _first(hf.get("decoder_start_token_id"), decoder.bos_token_id)
+        pad = _first(hf.get("pad_token_id"), dec.get("pad_token_id"), eos)
+        if start is None or eos is None:
+            raise ConfigError("decoder_start_token_id and eos_token_id must be set in config.json")
+        # Older checkpoints keep generation defaults in config.json; generation_config.json wins.
+        gen_src = {**{k: v for k, v in hf.items() if k in _GEN_FIELDS}, **(generation or {})}
+        config = cls(
+            encoder=encoder,
+            decoder=decoder,
+            decoder_start_token_id=start,
+            pad_token_id=pad,
+            eos_token_id=eos,
+            generation=_pick(GenerationConfig, gen_src, "generation_config"),
+        )
+        config.validate()
+        return config
+
+    def to_hf(self) -> dict[str, Any]:
+        """The config.json dict that transformers' VisionEncoderDecoderModel loads."""
+        enc = dataclasses.asdict(self.encoder) | {"model_type": "vit"}
+        dec = dataclasses.asdict(self.decoder) | {
+            "model_type": "gpt2",
+            "add_cross_attention": True,
+            "is_decoder": True,
+            "pad_token_id": self.pad_token_id,
+        }
+        return {
+            "model_type": "vision-encoder-decoder",
+            "architectures": ["VisionEncoderDecoderModel"],
+            "is_encoder_decoder": True,
+            "encoder": enc,
+            "decoder": dec,
+            "decoder_start_token_id": self.decoder_start_token_id,
+            "pad_token_id": self.pad_token_id,
+            "eos_token_id": self.eos_token_id,
+            "tie_word_embeddings": self.decoder.tie_word_embeddings,
+        }
+
+    def generation_to_hf(self) -> dict[str, Any]:
+        """The generation_config.json dict, token ids included."""
+        return dataclasses.asdict(self.generation) | {
+            "decoder_start_token_id": self.decoder_start_token_id,
+            "bos_token_id": self.decoder.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "pad_token_id": self.pad_token_id,
+        }
+
+    def validate(self) -> None:
+        e, d = self.encoder, self.decoder
+        checks = [
+            (
+                e.hidden_size % e.num_attention_heads == 0,
+                "encoder.hidden_size % num_attention_heads",
+            ),
+            (d.n_embd % d.n_head == 0, "decoder.n_embd % n_head"),
+            (e.image_size % e.patch_size == 0, "encoder.image_size % patch_size"),
+        ]
+        for ok, what in checks:
+            if not ok:
+                raise ConfigError(f"{what} must be 0")
+        acts = (
+            ("encoder.hidden_act", e.hidden_act),
+            ("decoder.activation_function", d.activation_function),
+        )
+        for name, act in acts:
+            if act not in ACTIVATIONS:
+                raise ConfigError(f"{name} {act!r} is not one of {sorted(ACTIVATIONS)}")
+        for name in ("decoder_start_token_id", "pad_token_id", "eos_token_id"):
+            if not 0 <= getattr(self, name) < d.vocab_size:
+                raise ConfigError(f"{name}={getattr(self, name)} is outside the vocabulary")
+
+
+_GEN_FIELDS = {f.name for f in dataclasses.fields(GenerationConfig)}
+
+
+def _first(*values: Any) -> Any:
+    return next((v for v in values if v is not None), None)
+
+
+def _pick(cls: type, src: dict[str, Any], where: str) -> Any:
+    """Copies the fields `cls` knows from an HF dict, checking their types."""
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in src and src[f.name] is not None:
+            value = src[f.name]
+            default = f.default
+            if isinstance(default, bool) and not isinstance(value, (bool, str)):
+                raise ConfigError(f"{where}.{f.name} must be a boolean, got {value!r}")
+            if isinstance(default, int) and not isinstance(default, bool):
+                if not isinstance(value, int) or isinstance(value, bool):
+                    raise ConfigError(f"{where}.{f.name} must be an integer, got {value!r}")
+            if isinstance(default, float) and not isinstance(value, (int, float)):
+                raise ConfigError(f"{where}.{f.name} must be a number, got {value!r}")
+            kwargs[f.name] = value
+    return cls(**kwargs)
+
+
+def read_config(directory: str | os.PathLike) -> CaptionConfig:
+    """Reads config.json (and generation_config.json when present) from a checkpoint folder."""
+    path = os.path.join(directory, "config.json")
+    hf = _read_json(path)
+    gen_path = os.path.join(directory, "generation_config.json")
+    generation = _read_json(gen_path) if os.path.exists(gen_path) else None
+    try:
+        return CaptionConfig.from_hf(hf, generation)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+
+
+def _read_json(path: str) -> dict[str, Any]:
+    if not os.path.exists(path):
+        raise ConfigError(f"{path} is missing: a checkpoint folder needs its config.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a JSON object")
+    return data
+
+
+def write_config(config: CaptionConfig, directory: str | os.PathLike) -> None:
+    for name, data in (
+        ("config.json", config.to_hf()),
+        ("generation_config.json", config.generation_to_hf()),
+    ):
+        with open(os.path.join(directory, name), "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+            f.write("\n")
+
+
+# Presets --------------------------------------------------------------------------------------
+
+
+def tiny() -> CaptionConfig:
+    """A few-layer model for tests and the CPU demo."""
+    return CaptionConfig(
+        encoder=ViTConfig(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            image_size=32,
+            patch_size=8,
+        ),
+        decoder=GPT2Config(
+            vocab_size=512,
+            n_positions=64,
+            n_embd=48,
+            n_layer=2,
+            n_head=4,
+            bos_token_id=0,
+            eos_token_id=0,
+        ),
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=0,
+    )
+
+
+def vit_gpt2_base() -> CaptionConfig:
+    """ViT-B/16 at 224 + GPT-2 small: the shape of nlpconnect/vit-gpt2-image-captioning."""
+    return CaptionConfig()
+
+
+PRESETS = {"tiny": tiny, "vit_gpt2_base": vit_gpt2_base}

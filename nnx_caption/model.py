@@ -1,0 +1,62 @@
+"""VisionEncoderDecoder: the ViT encoder, an optional width projection, the GPT-2 decoder."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from nnx_caption.config import CaptionConfig
+from nnx_caption.gpt2 import GPT2
+from nnx_caption.layers import Dense
+from nnx_caption.vit import ViT
+
+
+class VisionEncoderDecoder(nnx.Module):
+    def __init__(
+        self,
+        config: CaptionConfig,
+        *,
+        dtype: jnp.dtype | None = None,
+        param_dtype: jnp.dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        """`dtype` is the compute dtype (None: the parameters' own); parameters stay
+        `param_dtype` (float32 master weights)."""
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.config = config
+        self.encoder = ViT(config.encoder, **kw)
+        self.enc_to_dec_proj = (
+            Dense(config.encoder.hidden_size, config.decoder.n_embd, (None, "embed"), **kw)
+            if config.needs_enc_to_dec_proj
+            else None
+        )
+        self.decoder = GPT2(config.decoder, **kw)
+
+    def encode(self, pixel_values: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
+        """(B, H, W, C) normalised images -> (B, S, n_embd) states the decoder attends to."""
+        states = self.encoder(pixel_values, rngs)
+        if self.enc_to_dec_proj is not None:
+            states = self.enc_to_dec_proj(states)
+        return states
+
+    def decode(
+        self,
+        decoder_input_ids: jax.Array,
+        image_states: jax.Array,
+        decoder_attention_mask: jax.Array | None = None,
+        rngs: nnx.Rngs | None = None,
+    ) -> jax.Array:
+        return self.decoder(decoder_input_ids, image_states, decoder_attention_mask, rngs)
+
+    def __call__(
+        self,
+        pixel_values: jax.Array,
+        decoder_input_ids: jax.Array,
+        decoder_attention_mask: jax.Array | None = None,
+        rngs: nnx.Rngs | None = None,
+    ) -> jax.Array:
+        """Logits (B, T, vocab). Dropout is active only when `rngs` (with a 'dropout' stream)
+        is given, i.e. in training."""
+        states = self.encode(pixel_values, rngs)
+        return self.decode(decoder_input_ids, states, decoder_attention_mask, rngs)

@@ -1,0 +1,95 @@
+"""Logical axis names -> mesh axes: one rules table, kept out of the model math.
+
+Parameters carry logical names as `axes` metadata on their `nnx.Param`; activations are
+constrained with `constrain(x, names)`. Both are mapped onto the mesh (data, fsdp, tensor) by
+RULES. Outside a mesh context every constraint is a no-op, so the model runs unchanged on one
+device.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical name -> mesh axes it is split over (None: replicated). Parameters use embed / mlp /
+# heads / kv / vocab; activations use batch / seq and the act_* names, so that FSDP shards the
+# weights' embed dim without also splitting the activations' feature dim.
+RULES: dict[str, str | tuple[str, ...] | None] = {
+    "batch": ("data", "fsdp"),
+    "seq": None,
+    "embed": "fsdp",
+    "mlp": "tensor",
+    "heads": "tensor",
+    "kv": None,
+    "vocab": "tensor",
+    "act_embed": None,
+    "act_mlp": "tensor",
+    "act_heads": "tensor",
+    "act_vocab": "tensor",
+}
+
+Axes = Sequence[str | None]
+
+
+def logical_to_spec(axes: Axes, mesh_axis_names: Sequence[str] = MESH_AXES) -> PartitionSpec:
+    """Maps logical names to a PartitionSpec, dropping mesh axes the mesh does not have."""
+    spec, used = [], set()
+    for name in axes:
+        target = RULES.get(name) if name is not None else None
+        if target is None:
+            spec.append(None)
+            continue
+        targets = (target,) if isinstance(target, str) else target
+        # A mesh axis may split only one dim of an array.
+        kept = tuple(t for t in targets if t in mesh_axis_names and t not in used)
+        used.update(kept)
+        spec.append(kept[0] if len(kept) == 1 else (kept or None))
+    return PartitionSpec(*spec)
+
+
+def constrain(x: jax.Array, axes: Axes) -> jax.Array:
+    """Sharding constraint on an activation, by logical names; a no-op without a mesh."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, mesh.axis_names))
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1) -> Mesh:
+    """A (data, fsdp, tensor) mesh over all devices; -1 takes what the other axes leave."""
+    n = jax.device_count()
+    if data == -1:
+        if n % (fsdp * tensor):
+            raise ValueError(f"fsdp*tensor={fsdp * tensor} does not divide {n} devices")
+        data = n // (fsdp * tensor)
+    if data * fsdp * tensor != n:
+        raise ValueError(f"mesh data={data} fsdp={fsdp} tensor={tensor} needs {n} devices")
+    auto = (jax.sharding.AxisType.Auto,) * 3
+    return jax.make_mesh((data, fsdp, tensor), MESH_AXES, axis_types=auto)
+
+
+def param_sharding(param: nnx.Variable, mesh: Mesh) -> NamedSharding:
+    """Where one parameter lives on `mesh`, from its `axes` metadata. A dim that a mesh axis
+    does not divide (GPT-2's vocabulary of 50257, say) stays replicated along that axis."""
+    axes = param.get_metadata().get("axes") or (None,) * len(param.shape)
+    spec = []
+    for dim, entry in zip(param.shape, logical_to_spec(axes, mesh.axis_names), strict=False):
+        names = (entry,) if isinstance(entry, str) else tuple(entry or ())
+        divides = dim % math.prod(mesh.shape[n] for n in names) == 0
+        spec.append(entry if divides else None)
+    return NamedSharding(mesh, PartitionSpec(*spec))
+
+
+def shard_model(model: nnx.Module, mesh: Mesh) -> nnx.Module:
+    """Places every parameter of `model` on `mesh` by its logical axes, in place."""
+    for _, var in nnx.iter_graph(model):
+        if isinstance(var, nnx.Param):
+            sharding = param_sharding(var, mesh)
+            var[...] = jax.device_put(var[...], sharding)
+    return model

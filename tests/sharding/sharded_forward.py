@@ -1,0 +1,60 @@
+"""Run in its own process: 8 simulated CPU devices must be set before jax is imported."""
+
+import json
+import os
+import sys
+import tempfile
+
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+os.environ["JAX_PLATFORMS"] = "cpu"
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
+
+import nnx_caption as nc  # noqa: E402
+from nnx_caption.sharding import make_mesh  # noqa: E402
+
+
+def main(tiny: str, data: int, fsdp: int, tensor: int) -> None:
+    """Logits of weights/tiny's architecture, sharded vs one device. The weights are our own
+    init (std 0.02): weights/tiny's are scaled up (std 0.4) so that its random generations end,
+    which amplifies float rounding (batch 2 vs 8 already moves its logits by 2e-4)."""
+    golden = np.load(os.path.join(tiny, "golden.npz"))
+    config = nc.from_pretrained(tiny).config
+    tiny = tempfile.mkdtemp()
+    nc.save_pretrained(nc.VisionEncoderDecoder(config, rngs=nnx.Rngs(0)), tiny)
+    single = nc.from_pretrained(tiny)
+    # Batch 8 (the golden pair, tiled) so that every data-parallel shard gets rows.
+    inputs = [
+        jnp.asarray(np.concatenate([golden[k]] * 4))
+        for k in ("pixel_values", "decoder_input_ids", "decoder_attention_mask")
+    ]
+    want = nnx.jit(lambda m, *xs: m(*xs))(single, *inputs)
+
+    mesh = make_mesh(data=data, fsdp=fsdp, tensor=tensor)
+    model = nc.from_pretrained(tiny, mesh=mesh)
+    specs = {
+        ".".join(map(str, p)): str(tuple(v[...].sharding.spec))
+        for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
+    }
+    batch = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+    with jax.set_mesh(mesh):
+        inputs = [jax.device_put(x, batch) for x in inputs]
+        got = nnx.jit(lambda m, *xs: m(*xs))(model, *inputs)
+    print(
+        json.dumps(
+            {
+                "devices": jax.device_count(),
+                "max_diff_vs_single": float(jnp.abs(got - want).max()),
+                "max_abs_logit": float(jnp.abs(want).max()),
+                "specs": specs,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], *map(int, sys.argv[2:5]))

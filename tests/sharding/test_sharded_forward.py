@@ -1,0 +1,35 @@
+"""Parameters shard by the logical-axis rules; sharded logits equal single-device logits."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+SCRIPT = pathlib.Path(__file__).with_name("sharded_forward.py")
+
+
+@pytest.mark.parametrize("mesh", [(8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 2, 4)])
+def test_sharded_forward_equals_single_device(tiny_dir, mesh):
+    out = subprocess.run(
+        [sys.executable, str(SCRIPT), str(tiny_dir), *map(str, mesh)],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["devices"] == 8
+    assert result["max_diff_vs_single"] <= 1e-5
+    assert result["max_abs_logit"] > 0.1
+    specs = result["specs"]
+    f, t = "'fsdp'", "'tensor'"  # named even where the mesh axis has size 1
+    # (embed, mlp) -> (fsdp, tensor); (embed, heads, kv) -> (fsdp, tensor, None); LayerNorm
+    # scales by embed; wte (vocab=336, embed) splits both ways.
+    assert specs["decoder.blocks.0.mlp.fc.kernel"] == f"({f}, {t})"
+    assert specs["encoder.blocks.1.attn.q.kernel"] == f"({f}, {t}, None)"
+    assert specs["decoder.blocks.1.attn.qkv.kernel"] == f"({f}, None, {t}, None)"
+    assert specs["decoder.ln_f.scale"] == f"({f},)"
+    assert specs["decoder.wte"] == f"({t}, {f})"
