@@ -1,6 +1,7 @@
 """nnx-caption: image captioning (ViT encoder + GPT-2 decoder) in pure Flax NNX."""
 
 from nnx_caption.config import CaptionConfig, ConfigError, GenerationConfig, GPT2Config, ViTConfig
+from nnx_caption.generate import GenerateOutput, generate
 from nnx_caption.hf import from_pretrained, save_pretrained
 from nnx_caption.model import VisionEncoderDecoder
 from nnx_caption.processing import ImageProcessor, Tokenizer
@@ -8,6 +9,7 @@ from nnx_caption.safetensors_io import CheckpointError
 
 __all__ = [
     "CaptionConfig",
+    "GenerateOutput",
     "CheckpointError",
     "ConfigError",
     "GPT2Config",
@@ -17,5 +19,6 @@ __all__ = [
     "ViTConfig",
     "VisionEncoderDecoder",
     "from_pretrained",
+    "generate",
     "save_pretrained",
 ]

@@ -22,6 +22,10 @@ def attention_scale(cfg: GPT2Config, layer: int) -> float:
     return scale
 
 
+# Per-layer self-attention cache for decoding: (keys, values), each (N, max_len, heads, head_dim).
+LayerCache = tuple[jax.Array, jax.Array]
+
+
 class SelfAttention(nnx.Module):
     def __init__(self, cfg: GPT2Config, layer: int, *, dtype, param_dtype, rngs: nnx.Rngs):
         e, h, d = cfg.n_embd, cfg.n_head, cfg.head_dim
@@ -32,13 +36,26 @@ class SelfAttention(nnx.Module):
         self.upcast = cfg.reorder_and_upcast_attn
         self.dropout_rate = cfg.attn_pdrop
 
-    def __call__(self, x: jax.Array, mask: jax.Array, rngs: nnx.Rngs | None) -> jax.Array:
+    def __call__(
+        self,
+        x: jax.Array,
+        mask: jax.Array,
+        rngs: nnx.Rngs | None,
+        cache: LayerCache | None = None,
+        start: jax.Array | int = 0,
+    ) -> tuple[jax.Array, LayerCache | None]:
+        """With a cache, x holds the tokens at positions start.. and attends to the cache."""
         qkv = self.qkv(x)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        if cache is not None:
+            at = (0, start, 0, 0)
+            k = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), at)
+            v = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), at)
+            cache = (k, v)
         out = attention(
             q, k, v, mask, self.scale, upcast=self.upcast, dropout_rate=self.dropout_rate, rngs=rngs
         )
-        return self.o(out)
+        return self.o(out), cache
 
 
 class CrossAttention(nnx.Module):
@@ -52,10 +69,15 @@ class CrossAttention(nnx.Module):
         self.upcast = cfg.reorder_and_upcast_attn
         self.dropout_rate = cfg.attn_pdrop
 
-    def __call__(self, x: jax.Array, image: jax.Array, rngs: nnx.Rngs | None) -> jax.Array:
-        kv = self.kv(image)
+    def __call__(self, x: jax.Array, kv: jax.Array, rngs: nnx.Rngs | None) -> jax.Array:
+        """kv: self.kv(image states), (images, S, 2, heads, head_dim). x may hold several rows
+        per image (beams, returned sequences), image-major: those rows share one K/V instead of
+        a copy each. Cross-attention has no mask, so the rows of an image fold into its
+        query axis and the result is exact."""
+        n, t = x.shape[:2]
+        q = self.q(x).reshape(kv.shape[0], -1, *kv.shape[3:])  # (images, rows*t, H, D)
         out = attention(
-            self.q(x),
+            q,
             kv[:, :, 0],
             kv[:, :, 1],
             None,
@@ -64,7 +86,7 @@ class CrossAttention(nnx.Module):
             dropout_rate=self.dropout_rate,
             rngs=rngs,
         )
-        return self.o(out)
+        return self.o(out.reshape(n, t, *out.shape[2:]))
 
 
 class GPT2Block(nnx.Module):
@@ -80,12 +102,19 @@ class GPT2Block(nnx.Module):
         self.dropout_rate = cfg.resid_pdrop
 
     def __call__(
-        self, x: jax.Array, image: jax.Array, mask: jax.Array, rngs: nnx.Rngs | None
-    ) -> jax.Array:
-        x = x + dropout(self.attn(self.ln_1(x), mask, rngs), self.dropout_rate, rngs)
-        x = x + dropout(self.cross(self.ln_cross(x), image, rngs), self.dropout_rate, rngs)
+        self,
+        x: jax.Array,
+        cross_kv: jax.Array,
+        mask: jax.Array,
+        rngs: nnx.Rngs | None,
+        cache: LayerCache | None = None,
+        start: jax.Array | int = 0,
+    ) -> tuple[jax.Array, LayerCache | None]:
+        h, cache = self.attn(self.ln_1(x), mask, rngs, cache, start)
+        x = x + dropout(h, self.dropout_rate, rngs)
+        x = x + dropout(self.cross(self.ln_cross(x), cross_kv, rngs), self.dropout_rate, rngs)
         x = x + dropout(self.mlp(self.ln_2(x)), self.dropout_rate, rngs)
-        return constrain(x, ("batch", "seq", "act_embed"))
+        return constrain(x, ("batch", "seq", "act_embed")), cache
 
 
 class GPT2(nnx.Module):
@@ -110,32 +139,62 @@ class GPT2(nnx.Module):
         )
         self.dtype = dtype
 
+    @property
+    def compute_dtype(self) -> jnp.dtype:
+        return self.dtype or self.wte[...].dtype
+
+    def cross_kv(self, image: jax.Array) -> list[jax.Array]:
+        """Each layer's cross-attention K/V of the image states, projected once per image."""
+        image = image.astype(self.compute_dtype)
+        return [block.cross.kv(image) for block in self.blocks]
+
+    def init_cache(self, rows: int, max_len: int) -> list[LayerCache]:
+        shape = (rows, max_len, self.cfg.n_head, self.cfg.head_dim)
+        zeros = jnp.zeros(shape, self.compute_dtype)
+        return [(zeros, zeros) for _ in self.blocks]
+
     def __call__(
         self,
         ids: jax.Array,
-        image: jax.Array,
+        image: jax.Array | None = None,
         mask: jax.Array | None = None,
         rngs: nnx.Rngs | None = None,
-    ) -> jax.Array:
-        """ids (B, T), image (B, S, n_embd) encoder states, mask (B, T) 1 = real token
-        -> logits (B, T, vocab)."""
+        *,
+        cross_kv: list[jax.Array] | None = None,
+        cache: list[LayerCache] | None = None,
+        start: jax.Array | int = 0,
+    ) -> jax.Array | tuple[jax.Array, list[LayerCache]]:
+        """ids (N, T) -> logits (N, T, vocab).
+
+        Training and scoring pass `image` (N, S, n_embd) encoder states and `mask` (N, T),
+        1 for real tokens. Decoding passes `cross_kv` (from `cross_kv(image)`, one per image)
+        and `cache` (from `init_cache`), ids being the tokens at positions start..; it then
+        returns (logits, updated cache).
+        """
         t = ids.shape[1]
-        if t > self.cfg.n_positions:
+        positions = start + jnp.arange(t)
+        if cache is None and t > self.cfg.n_positions:
             raise ValueError(f"{t} decoder tokens exceed n_positions={self.cfg.n_positions}")
         wte = self.wte[...]
-        dtype = self.dtype or wte.dtype
-        x = jnp.take(wte, ids, axis=0) + self.wpe[...][:t]
-        x = dropout(x.astype(dtype), self.cfg.embd_pdrop, rngs)
+        x = jnp.take(wte, ids, axis=0) + jnp.take(self.wpe[...], positions, axis=0)
+        x = dropout(x.astype(self.compute_dtype), self.cfg.embd_pdrop, rngs)
         x = constrain(x, ("batch", "seq", "act_embed"))
-        attend = jnp.tril(jnp.ones((t, t), bool))[None, None]  # (1, 1, T, T) causal
+        keys = t if cache is None else cache[0][0].shape[1]
+        attend = (jnp.arange(keys)[None, :] <= positions[:, None])[None, None]  # causal
         if mask is not None:
             attend = attend & mask.astype(bool)[:, None, None, :]
-        image = image.astype(dtype)
-        for block in self.blocks:
-            x = block(x, image, attend, rngs)
+        if cross_kv is None:
+            cross_kv = self.cross_kv(image)
+        new_cache = []
+        for i, block in enumerate(self.blocks):
+            x, layer_cache = block(
+                x, cross_kv[i], attend, rngs, None if cache is None else cache[i], start
+            )
+            new_cache.append(layer_cache)
         x = self.ln_f(x)
         if self.lm_head is not None:
             logits = self.lm_head(x)
         else:  # tied: the embedding table is the output projection
-            logits = jnp.einsum("bte,ve->btv", x, wte.astype(dtype))
-        return constrain(logits, ("batch", "seq", "act_vocab"))
+            logits = jnp.einsum("bte,ve->btv", x, wte.astype(x.dtype))
+        logits = constrain(logits, ("batch", "seq", "act_vocab"))
+        return logits if cache is None else (logits, new_cache)

@@ -197,3 +197,42 @@ def torch_forward(model, pixels, ids, mask, **kw):
             output_hidden_states=True,
             **kw,
         )
+
+
+def build_eos_model(boost: float, *, pad_token_id: int = 0, seed: int = 0):
+    """A random checkpoint on which EOS is likely, so that beams finish at different steps.
+
+    Random weights rarely emit EOS. A direction u is added to the final LayerNorm's bias (so
+    every hidden state carries it) and `boost` * u to EOS's embedding row (the tied LM head),
+    which lifts EOS's logit by about 2 * boost; cross-attention outputs are scaled up so that
+    different images give different captions.
+    """
+    import torch
+
+    enc = dict(
+        image_size=32,
+        patch_size=8,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+    )
+    dec = dict(
+        vocab_size=60,
+        n_positions=32,
+        n_embd=48,
+        n_layer=2,
+        n_head=4,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    model = build_hf_model(enc, dec, scale=3.0, seed=seed, pad_token_id=pad_token_id)
+    gen = torch.Generator().manual_seed(seed)
+    u = torch.randn(48, generator=gen)
+    u /= u.norm()
+    with torch.no_grad():
+        model.decoder.transformer.ln_f.bias += 2.0 * u
+        model.decoder.transformer.wte.weight[2] += boost * u
+        for block in model.decoder.transformer.h:
+            block.crossattention.c_proj.weight *= 4.0
+    return model

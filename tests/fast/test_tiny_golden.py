@@ -60,3 +60,20 @@ def test_package_never_imports_torch_or_transformers(tiny_dir):
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code, str(tiny_dir)], check=True)
+
+
+def test_generate_matches_transformers(model, golden):
+    pixels = jnp.asarray(golden["pixel_values"])
+    greedy = nc.generate(model, pixels, max_length=int(golden["greedy_max_length"]))
+    np.testing.assert_array_equal(greedy.sequences, golden["greedy_sequences"])
+    beam = nc.generate(
+        model,
+        pixels,
+        max_length=12,
+        num_beams=int(golden["beam_num_beams"]),
+        num_return_sequences=int(golden["beam_num_return_sequences"]),
+        length_penalty=1.0,
+        early_stopping=False,
+    )
+    np.testing.assert_array_equal(beam.sequences, golden["beam_sequences"])
+    np.testing.assert_allclose(beam.scores, golden["beam_scores"], atol=1e-4)
