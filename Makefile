@@ -34,6 +34,7 @@ test-fast test-parity test-sharding test-e2e: setup
 
 bench: setup
 	$(PY) benchmarks/load_memory.py
+	$(PY) benchmarks/decode.py
 
 demo: setup
 	$(VENV)/bin/nnx-caption demo

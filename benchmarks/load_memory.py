@@ -23,23 +23,18 @@ import argparse
 import glob
 import json
 import os
-import platform
-import re
 import resource
-import shutil
 import subprocess
 import sys
 import time
-from importlib import metadata
 from pathlib import Path
 
+from common import ensure_checkpoint, machine, machine_line, update_results_md
+
 HERE = Path(__file__).resolve().parent
-DEFAULT_CACHE = HERE / ".cache" / "vit-gpt2-random"
 RESULTS_JSON = HERE / "results" / "load_memory.json"
-RESULTS_MD = HERE / "RESULTS.md"
 TARGET = 1.5  # nnx-caption's delta / checkpoint size, from the issue
 MIB = 1024 * 1024
-GPT2_EOS = 50256
 
 
 def rss_bytes() -> int:
@@ -129,25 +124,6 @@ def child_transformers(directory: str, trace: bool) -> dict:
     )
 
 
-def make_checkpoint(directory: Path) -> None:
-    """Random weights in the shape of nlpconnect/vit-gpt2-image-captioning, via transformers."""
-    import torch
-    from transformers import (
-        GPT2Config,
-        VisionEncoderDecoderConfig,
-        VisionEncoderDecoderModel,
-        ViTConfig,
-    )
-
-    dec = GPT2Config(add_cross_attention=True, is_decoder=True)
-    config = VisionEncoderDecoderConfig.from_encoder_decoder_configs(ViTConfig(), dec)
-    config.decoder_start_token_id = config.pad_token_id = config.eos_token_id = GPT2_EOS
-    torch.manual_seed(0)
-    tmp = directory.with_name(directory.name + f".tmp{os.getpid()}")
-    VisionEncoderDecoderModel(config).save_pretrained(tmp)
-    os.replace(tmp, directory)  # atomic: a killed run never leaves a half-written cache
-
-
 CHILDREN = {"nnx-caption": child_nnx, "transformers": child_transformers}
 
 
@@ -179,17 +155,6 @@ def warm_page_cache(directory: Path) -> None:
                 pass
 
 
-def machine() -> dict[str, str]:
-    cpu = "unknown"
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    versions = {p: metadata.version(p) for p in ("jax", "flax", "transformers", "torch")}
-    return dict(arch=platform.machine(), cpu=cpu, cores=str(os.cpu_count()), **versions)
-
-
 def table(rows: dict[str, dict], size: int) -> str:
     lines = [
         "| loader | baseline MiB | peak MiB | delta MiB | delta / checkpoint "
@@ -205,39 +170,18 @@ def table(rows: dict[str, dict], size: int) -> str:
     return "\n".join(lines)
 
 
-def update_results_md(section: str) -> None:
-    """Replaces the "## Load memory" section (up to the next "## ") and keeps the rest."""
-    text = RESULTS_MD.read_text() if RESULTS_MD.exists() else "# Benchmark results\n"
-    pattern = re.compile(r"^## Load memory\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section, text)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    RESULTS_MD.write_text(text)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", type=Path, help="checkpoint folder (default: random)")
     parser.add_argument("--trace", action="store_true", help="print nnx-caption RSS per tensor")
     parser.add_argument("--no-md", action="store_true", help="do not update RESULTS.md")
     parser.add_argument("--child", choices=CHILDREN, help=argparse.SUPPRESS)
-    parser.add_argument("--make", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.make:
-        make_checkpoint(args.make)
-        return
     if args.child:
         print(json.dumps(CHILDREN[args.child](str(args.checkpoint), args.trace)))
         return
 
-    directory = args.checkpoint or DEFAULT_CACHE
-    if args.checkpoint is None and not directory.exists():
-        print(f"writing a random checkpoint to {directory} (once) ...", flush=True)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        for stale in directory.parent.glob(directory.name + ".tmp*"):
-            shutil.rmtree(stale)
-        run_child("--make", str(directory))
+    directory = args.checkpoint or ensure_checkpoint()
     size = checkpoint_bytes(directory)
     warm_page_cache(directory)
 
@@ -276,16 +220,15 @@ def main() -> None:
     )
     print(md + "\n\n" + summary)
     if not args.no_md:
-        m = result["machine"]
         update_results_md(
+            "Load memory",
             "## Load memory\n\n"
-            f"Machine: {m['arch']}, {m['cpu']}, {m['cores']} cores; jax {m['jax']}, "
-            f"flax {m['flax']}, transformers {m['transformers']}, torch {m['torch']}.\n\n"
+            f"{machine_line(result['machine'])}\n\n"
             f"Command: `{command}`\n\n{md}\n\n{summary}.\n\n"
             "Peak is ru_maxrss of a fresh process per loader; baseline is RSS after import and "
             "one tiny op. File-backed growth is RssFile after load minus before: pages of a "
             "memory-mapped checkpoint counted in RSS (page cache, shared and reclaimable), "
-            "as opposed to anonymous memory the process owns.\n"
+            "as opposed to anonymous memory the process owns.\n",
         )
     sys.exit(0 if passed else 1)
 

@@ -8,6 +8,7 @@ import shutil
 import sys
 
 from nnx_caption.config import ConfigError
+from nnx_caption.predict import UsageError, predict
 from nnx_caption.safetensors_io import CheckpointError
 
 
@@ -57,6 +58,53 @@ def _demo(args: argparse.Namespace) -> None:
         print(f"{layout:>3} layout -> {out}: max |logits - transformers| = {diff:.2e}")
 
 
+def _add_predict(sub) -> None:
+    help_ = "caption images: write predictions.jsonl, skipped.jsonl and gallery.html"
+    p = sub.add_parser("predict", help=help_, description=help_)
+    p.add_argument("model", help="checkpoint folder (HF or NNX layout) or hub repo id")
+    p.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="INPUT",
+        help="image file, folder (searched recursively), quoted glob pattern, or a "
+        ".csv / .jsonl / .json file with an image column (paths relative to that file)",
+    )
+    p.add_argument("--output-dir", required=True, help="folder for the results")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--num-beams", type=int, help="default: the checkpoint's generation config")
+    p.add_argument("--max-length", type=int, help="counts the start token")
+    p.add_argument("--max-new-tokens", type=int, help="wins over --max-length")
+    p.add_argument("--image-column", default="image", help="column of csv/jsonl/json inputs")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--limit", type=int, help="caption only the first N images")
+    p.add_argument("--gallery-size", type=int, default=1000, help="images shown in gallery.html")
+    p.add_argument("--revision", help="hub revision (branch, tag or commit)")
+    p.add_argument("--cache-dir", help="huggingface_hub cache folder")
+
+
+def _predict(args: argparse.Namespace) -> None:
+    summary = predict(
+        args.model,
+        args.inputs,
+        args.output_dir,
+        batch_size=args.batch_size,
+        num_beams=args.num_beams,
+        max_length=args.max_length,
+        max_new_tokens=args.max_new_tokens,
+        image_column=args.image_column,
+        dtype=args.dtype,
+        revision=args.revision,
+        cache_dir=args.cache_dir,
+        limit=args.limit,
+        gallery_size=args.gallery_size,
+    )
+    print(
+        f"captioned {summary['captioned']} images, skipped {summary['skipped']} "
+        f"({summary['caption_seconds']:.1f}s, {summary['images_per_second']:.1f} images/s); "
+        f"wrote {summary['predictions_file']}, {summary['gallery_file']}, {summary['skipped_file']}"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nnx-caption", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -69,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("dst", help="output folder")
         p.add_argument("--revision", help="hub revision (branch, tag or commit)")
         p.add_argument("--cache-dir", help="huggingface_hub cache folder")
+    _add_predict(sub)
     demo = sub.add_parser("demo", help="the demo job (see README)")
     demo.add_argument("--weights", default="weights/tiny")
     demo.add_argument("--out", default="out/demo")
@@ -80,9 +129,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command in ("convert", "export"):
             _rewrite(args, "nnx" if args.command == "convert" else "hf")
+        elif args.command == "predict":
+            _predict(args)
         elif args.command == "demo":
             _demo(args)
-    except (CheckpointError, ConfigError) as err:
+    except (CheckpointError, ConfigError, UsageError) as err:
         print(f"nnx-caption {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nnx_caption.config import GPT2Config
-from nnx_caption.layers import MLP, Dense, LayerNorm, attention, dropout
+from nnx_caption.layers import MLP, Dense, LayerNorm, attention, dropout, heads_first
 from nnx_caption.sharding import constrain
 
 
@@ -22,8 +22,9 @@ def attention_scale(cfg: GPT2Config, layer: int) -> float:
     return scale
 
 
-# Per-layer self-attention cache for decoding: (keys, values), each (N, max_len, heads, head_dim).
-LayerCache = tuple[jax.Array, jax.Array]
+# Keys and values of one layer, heads-first: each (N, heads, length, head_dim). Decoding keeps
+# its self-attention cache (length = max_length) and the image's cross-attention K/V in it.
+KV = tuple[jax.Array, jax.Array]
 
 
 class SelfAttention(nnx.Module):
@@ -41,14 +42,14 @@ class SelfAttention(nnx.Module):
         x: jax.Array,
         mask: jax.Array,
         rngs: nnx.Rngs | None,
-        cache: LayerCache | None = None,
+        cache: KV | None = None,
         start: jax.Array | int = 0,
-    ) -> tuple[jax.Array, LayerCache | None]:
+    ) -> tuple[jax.Array, KV | None]:
         """With a cache, x holds the tokens at positions start.. and attends to the cache."""
         qkv = self.qkv(x)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        q, k, v = qkv[:, :, 0], heads_first(qkv[:, :, 1]), heads_first(qkv[:, :, 2])
         if cache is not None:
-            at = (0, start, 0, 0)
+            at = (0, 0, start, 0)
             k = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), at)
             v = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), at)
             cache = (k, v)
@@ -69,17 +70,23 @@ class CrossAttention(nnx.Module):
         self.upcast = cfg.reorder_and_upcast_attn
         self.dropout_rate = cfg.attn_pdrop
 
-    def __call__(self, x: jax.Array, kv: jax.Array, rngs: nnx.Rngs | None) -> jax.Array:
-        """kv: self.kv(image states), (images, S, 2, heads, head_dim). x may hold several rows
-        per image (beams, returned sequences), image-major: those rows share one K/V instead of
-        a copy each. Cross-attention has no mask, so the rows of an image fold into its
-        query axis and the result is exact."""
+    def image_kv(self, image: jax.Array) -> KV:
+        """The image states' keys and values, computed once per image."""
+        kv = self.kv(image)
+        return heads_first(kv[:, :, 0]), heads_first(kv[:, :, 1])
+
+    def __call__(self, x: jax.Array, kv: KV, rngs: nnx.Rngs | None) -> jax.Array:
+        """kv: image_kv(image states). x may hold several rows per image (beams, returned
+        sequences), image-major: those rows share one K/V instead of a copy each.
+        Cross-attention has no mask, so the rows of an image fold into its query axis and the
+        result is exact."""
         n, t = x.shape[:2]
-        q = self.q(x).reshape(kv.shape[0], -1, *kv.shape[3:])  # (images, rows*t, H, D)
+        images, heads, _, head_dim = kv[0].shape
+        q = self.q(x).reshape(images, -1, heads, head_dim)  # (images, rows * t, H, D)
         out = attention(
             q,
-            kv[:, :, 0],
-            kv[:, :, 1],
+            kv[0],
+            kv[1],
             None,
             self.scale,
             upcast=self.upcast,
@@ -104,12 +111,12 @@ class GPT2Block(nnx.Module):
     def __call__(
         self,
         x: jax.Array,
-        cross_kv: jax.Array,
+        cross_kv: KV,
         mask: jax.Array,
         rngs: nnx.Rngs | None,
-        cache: LayerCache | None = None,
+        cache: KV | None = None,
         start: jax.Array | int = 0,
-    ) -> tuple[jax.Array, LayerCache | None]:
+    ) -> tuple[jax.Array, KV | None]:
         h, cache = self.attn(self.ln_1(x), mask, rngs, cache, start)
         x = x + dropout(h, self.dropout_rate, rngs)
         x = x + dropout(self.cross(self.ln_cross(x), cross_kv, rngs), self.dropout_rate, rngs)
@@ -143,13 +150,13 @@ class GPT2(nnx.Module):
     def compute_dtype(self) -> jnp.dtype:
         return self.dtype or self.wte[...].dtype
 
-    def cross_kv(self, image: jax.Array) -> list[jax.Array]:
+    def cross_kv(self, image: jax.Array) -> list[KV]:
         """Each layer's cross-attention K/V of the image states, projected once per image."""
         image = image.astype(self.compute_dtype)
-        return [block.cross.kv(image) for block in self.blocks]
+        return [block.cross.image_kv(image) for block in self.blocks]
 
-    def init_cache(self, rows: int, max_len: int) -> list[LayerCache]:
-        shape = (rows, max_len, self.cfg.n_head, self.cfg.head_dim)
+    def init_cache(self, rows: int, max_len: int) -> list[KV]:
+        shape = (rows, self.cfg.n_head, max_len, self.cfg.head_dim)
         zeros = jnp.zeros(shape, self.compute_dtype)
         return [(zeros, zeros) for _ in self.blocks]
 
@@ -160,10 +167,10 @@ class GPT2(nnx.Module):
         mask: jax.Array | None = None,
         rngs: nnx.Rngs | None = None,
         *,
-        cross_kv: list[jax.Array] | None = None,
-        cache: list[LayerCache] | None = None,
+        cross_kv: list[KV] | None = None,
+        cache: list[KV] | None = None,
         start: jax.Array | int = 0,
-    ) -> jax.Array | tuple[jax.Array, list[LayerCache]]:
+    ) -> jax.Array | tuple[jax.Array, list[KV]]:
         """ids (N, T) -> logits (N, T, vocab).
 
         Training and scoring pass `image` (N, S, n_embd) encoder states and `mask` (N, T),
@@ -179,7 +186,7 @@ class GPT2(nnx.Module):
         x = jnp.take(wte, ids, axis=0) + jnp.take(self.wpe[...], positions, axis=0)
         x = dropout(x.astype(self.compute_dtype), self.cfg.embd_pdrop, rngs)
         x = constrain(x, ("batch", "seq", "act_embed"))
-        keys = t if cache is None else cache[0][0].shape[1]
+        keys = t if cache is None else cache[0][0].shape[2]
         attend = (jnp.arange(keys)[None, :] <= positions[:, None])[None, None]  # causal
         if mask is not None:
             attend = attend & mask.astype(bool)[:, None, None, :]

@@ -128,20 +128,30 @@ def attention(
     dropout_rate: float = 0.0,
     rngs: nnx.Rngs | None = None,
 ) -> jax.Array:
-    """Softmax attention. q (B,T,H,D), k/v (B,S,H,D), mask bool broadcasting to (B,H,T,S).
+    """Softmax attention. q (B,T,H,D); k, v heads-first (B,H,S,D); mask bool broadcasting to
+    (B,H,T,S). Returns (B,T,H,D).
 
-    Scores and softmax run in float32 when `upcast` (GPT-2's reorder_and_upcast_attn); masked
-    scores take the dtype's minimum, as transformers does, so a row never becomes NaN.
+    Keys and values come heads-first because that is the layout the batched matmuls read:
+    decoding keeps its caches in it, so no step transposes them again. Scores and softmax run
+    in float32 when `upcast` (GPT-2's reorder_and_upcast_attn); masked scores take the dtype's
+    minimum, as transformers does, so a row never becomes NaN.
     """
     if upcast:
         q, k = q.astype(jnp.float32), k.astype(jnp.float32)
-    scores = jnp.einsum("bthd,bshd->bhts", q, k) * scale
+    # Every einsum here maps onto a plain batched matmul over (B, H): XLA CPU runs a fused
+    # transpose of a dot's output (e.g. "bhts,bhsd->bthd") ten times slower than the dot.
+    scores = jnp.einsum("bhtd,bhsd->bhts", heads_first(q), k) * scale
     scores = constrain(scores, ("batch", "act_heads", "seq", None))
     if mask is not None:
         scores = jnp.where(mask, scores, jnp.finfo(scores.dtype).min)
     probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(v.dtype)
     probs = dropout(probs, dropout_rate, rngs)
-    return jnp.einsum("bhts,bshd->bthd", probs, v)
+    return heads_first(jnp.einsum("bhts,bhsd->bhtd", probs, v))
+
+
+def heads_first(x: jax.Array) -> jax.Array:
+    """(B, S, H, D) <-> (B, H, S, D): the key / value layout `attention` takes."""
+    return x.transpose(0, 2, 1, 3)
 
 
 class MLP(nnx.Module):

@@ -11,7 +11,7 @@ import numpy as np
 from flax import nnx
 
 from nnx_caption.config import ViTConfig
-from nnx_caption.layers import MLP, Dense, LayerNorm, attention, dropout
+from nnx_caption.layers import MLP, Dense, LayerNorm, attention, dropout, heads_first
 from nnx_caption.sharding import constrain
 
 
@@ -96,8 +96,8 @@ class ViTAttention(nnx.Module):
     def __call__(self, x: jax.Array, rngs: nnx.Rngs | None) -> jax.Array:
         out = attention(
             self.q(x),
-            self.k(x),
-            self.v(x),
+            heads_first(self.k(x)),
+            heads_first(self.v(x)),
             None,
             self.scale,
             dropout_rate=self.dropout_rate,

@@ -1,0 +1,67 @@
+"""Analytic FLOP counts (multiply-add = 2 FLOPs) for MFU and decode throughput.
+
+Counted: every matmul of the model, attention's two batched matmuls included. Not counted:
+normalisation, activations, softmax and embedding lookups (a few percent at most).
+"""
+
+from __future__ import annotations
+
+from nnx_caption.config import CaptionConfig
+
+
+def encoder(
+    cfg: CaptionConfig, images: int, height: int | None = None, width: int | None = None
+) -> float:
+    """The ViT forward over `images` images (and enc_to_dec_proj when present)."""
+    e = cfg.encoder
+    p = e.patch_size
+    patches = ((height or e.image_size) // p) * ((width or e.image_size) // p)
+    t, d = patches + 1, e.hidden_size
+    layer = 2 * t * d * 4 * d + 2 * 2 * t * t * d + 2 * 2 * t * d * e.intermediate_size
+    flops = 2 * patches * p * p * e.num_channels * d + e.num_hidden_layers * layer
+    if cfg.needs_enc_to_dec_proj:
+        flops += 2 * t * d * cfg.decoder.n_embd
+    return images * flops
+
+
+def cross_kv(cfg: CaptionConfig, images: int, tokens: int) -> float:
+    """Cross-attention keys and values of `tokens` image states, every layer."""
+    d = cfg.decoder
+    return images * d.n_layer * 2 * tokens * d.n_embd * 2 * d.n_embd
+
+
+def decoder(cfg: CaptionConfig, rows: int, new: int, keys: int, image_tokens: int) -> float:
+    """The GPT-2 forward for `new` tokens per row attending to `keys` self-attention keys and
+    `image_tokens` image states, excluding the cross-attention K/V projection (cross_kv)."""
+    d = cfg.decoder
+    e = d.n_embd
+    dense = 2 * e * 3 * e + 3 * 2 * e * e + 2 * 2 * e * d.inner_size  # qkv, o, cross q / o, mlp
+    attend = 2 * 2 * e * (keys + image_tokens)
+    per_token = d.n_layer * (dense + attend) + 2 * e * d.vocab_size  # + LM head
+    return rows * new * per_token
+
+
+def forward(cfg: CaptionConfig, batch: int, seq: int) -> float:
+    """A training-style forward: encoder, cross K/V and a causal decoder pass of `seq` tokens
+    (causal attention counted as the full square, as it is computed)."""
+    tokens = (cfg.encoder.image_size // cfg.encoder.patch_size) ** 2 + 1
+    return (
+        encoder(cfg, batch) + cross_kv(cfg, batch, tokens) + decoder(cfg, batch, seq, seq, tokens)
+    )
+
+
+def train_step(cfg: CaptionConfig, batch: int, seq: int) -> float:
+    """Forward + backward (twice the forward's FLOPs)."""
+    return 3 * forward(cfg, batch, seq)
+
+
+def generate(
+    cfg: CaptionConfig, images: int, beams: int, max_length: int, steps: int | None = None
+) -> float:
+    """One search as generate() runs it: the encoder and cross K/V once per image, then one
+    decoder step per generated token for every row (beams), keys growing by one each step."""
+    tokens = (cfg.encoder.image_size // cfg.encoder.patch_size) ** 2 + 1
+    rows = images * beams
+    steps = max_length - 1 if steps is None else steps
+    flops = encoder(cfg, images) + cross_kv(cfg, images, tokens)
+    return flops + sum(decoder(cfg, rows, 1, k + 1, tokens) for k in range(steps))
