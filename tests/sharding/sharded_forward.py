@@ -18,12 +18,12 @@ import nnx_caption as nc  # noqa: E402
 from nnx_caption.sharding import make_mesh  # noqa: E402
 
 
-def main(tiny: str, data: int, fsdp: int, tensor: int) -> None:
+def main(tiny_dir: str, data: int, fsdp: int, tensor: int) -> None:
     """Logits of weights/tiny's architecture, sharded vs one device. The weights are our own
     init (std 0.02): weights/tiny's are scaled up (std 0.4) so that its random generations end,
     which amplifies float rounding (batch 2 vs 8 already moves its logits by 2e-4)."""
-    golden = np.load(os.path.join(tiny, "golden.npz"))
-    config = nc.from_pretrained(tiny).config
+    golden = np.load(os.path.join(tiny_dir, "golden.npz"))
+    config = nc.from_pretrained(tiny_dir).config
     tiny = tempfile.mkdtemp()
     nc.save_pretrained(nc.VisionEncoderDecoder(config, rngs=nnx.Rngs(0)), tiny)
     single = nc.from_pretrained(tiny)
@@ -44,9 +44,20 @@ def main(tiny: str, data: int, fsdp: int, tensor: int) -> None:
     with jax.set_mesh(mesh):
         inputs = [jax.device_put(x, batch) for x in inputs]
         got = nnx.jit(lambda m, *xs: m(*xs))(model, *inputs)
+    # Search over the mesh's batch axes: weights/tiny (large logit margins), 8 images.
+    tiny_model = nc.from_pretrained(tiny_dir, mesh=mesh)
+    pixels = jnp.asarray(np.concatenate([golden["pixel_values"]] * 4))
+    same_generation = all(
+        np.array_equal(
+            nc.generate(tiny_model, pixels, mesh=mesh, **kw).sequences,
+            nc.generate(nc.from_pretrained(tiny_dir), pixels, **kw).sequences,
+        )
+        for kw in (dict(max_length=12), dict(max_length=12, num_beams=3))
+    )
     print(
         json.dumps(
             {
+                "same_generation": same_generation,
                 "devices": jax.device_count(),
                 "max_diff_vs_single": float(jnp.abs(got - want).max()),
                 "max_abs_logit": float(jnp.abs(want).max()),

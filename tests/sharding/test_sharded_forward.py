@@ -24,6 +24,7 @@ def test_sharded_forward_equals_single_device(tiny_dir, mesh):
     assert result["devices"] == 8
     assert result["max_diff_vs_single"] <= 1e-5
     assert result["max_abs_logit"] > 0.1
+    assert result["same_generation"]
     specs = result["specs"]
     f, t = "'fsdp'", "'tensor'"  # named even where the mesh axis has size 1
     # (embed, mlp) -> (fsdp, tensor); (embed, heads, kv) -> (fsdp, tensor, None); LayerNorm
