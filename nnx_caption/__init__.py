@@ -3,12 +3,14 @@
 from nnx_caption.config import CaptionConfig, ConfigError, GenerationConfig, GPT2Config, ViTConfig
 from nnx_caption.generate import GenerateOutput, generate
 from nnx_caption.hf import from_pretrained, save_pretrained
+from nnx_caption.metrics import CaptionScores, caption_metrics
 from nnx_caption.model import VisionEncoderDecoder
 from nnx_caption.processing import ImageProcessor, Tokenizer
 from nnx_caption.safetensors_io import CheckpointError
 
 __all__ = [
     "CaptionConfig",
+    "CaptionScores",
     "GenerateOutput",
     "CheckpointError",
     "ConfigError",
@@ -18,6 +20,7 @@ __all__ = [
     "Tokenizer",
     "ViTConfig",
     "VisionEncoderDecoder",
+    "caption_metrics",
     "from_pretrained",
     "generate",
     "save_pretrained",

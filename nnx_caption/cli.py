@@ -8,6 +8,7 @@ import shutil
 import sys
 
 from nnx_caption.config import ConfigError
+from nnx_caption.data import DataError
 from nnx_caption.predict import UsageError, predict
 from nnx_caption.safetensors_io import CheckpointError
 
@@ -118,6 +119,15 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--revision", help="hub revision (branch, tag or commit)")
         p.add_argument("--cache-dir", help="huggingface_hub cache folder")
     _add_predict(sub)
+    from nnx_caption.loop import build_parser as add_train_flags
+
+    train = sub.add_parser(
+        "train",
+        help="train / evaluate / predict as HF's run_image_captioning_flax.py",
+        description="Train, evaluate and predict with the flags of HF's "
+        "run_image_captioning_flax.py. A run resumes from the newest checkpoint in --output_dir.",
+    )
+    add_train_flags(train)
     demo = sub.add_parser("demo", help="the demo job (see README)")
     demo.add_argument("--weights", default="weights/tiny")
     demo.add_argument("--out", default="out/demo")
@@ -133,7 +143,11 @@ def main(argv: list[str] | None = None) -> int:
             _predict(args)
         elif args.command == "demo":
             _demo(args)
-    except (CheckpointError, ConfigError, UsageError) as err:
+        elif args.command == "train":
+            from nnx_caption.loop import args_from_namespace, run
+
+            run(args_from_namespace(args, argv if argv is not None else sys.argv[1:]))
+    except (CheckpointError, ConfigError, UsageError, DataError) as err:
         print(f"nnx-caption {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -1,0 +1,287 @@
+"""Training: loss, optimizer, one jit-compiled step, checkpoints.
+
+The step is a pure function of (state, batch, step number): `state` is the nnx.State of
+(model, optimizer), donated so its buffers are updated in place; dropout keys are derived from
+(seed, step), so a run resumed from a checkpoint reproduces the uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import shutil
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from nnx_caption.model import VisionEncoderDecoder
+from nnx_caption.safetensors_io import SafetensorsReader, write_safetensors
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings, with the meaning (and defaults) of HF's captioning script."""
+
+    learning_rate: float = 5e-5
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    warmup_steps: int = 0
+    total_steps: int = 1000
+    label_smoothing_factor: float = 0.0
+    max_grad_norm: float | None = None
+    gradient_accumulation_steps: int = 1
+    freeze: tuple[str, ...] = field(default_factory=tuple)  # NNX path prefixes, e.g. "encoder"
+    seed: int = 42
+
+
+# Loss -----------------------------------------------------------------------------------------
+
+
+def cross_entropy(
+    logits: jax.Array, labels: jax.Array, mask: jax.Array, label_smoothing: float = 0.0
+) -> tuple[jax.Array, jax.Array]:
+    """(summed loss over real tokens, number of real tokens), HF's script's label smoothing:
+    soft targets (1 - s on the label, s / (V - 1) elsewhere) minus their entropy, so a perfect
+    prediction costs 0. Sums, not means: the caller divides by the global token count."""
+    logits = logits.astype(jnp.float32)
+    vocab = logits.shape[-1]
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
+    if label_smoothing > 0:
+        confidence, low = 1.0 - label_smoothing, label_smoothing / (vocab - 1)
+        expected = confidence * picked + low * (logits.sum(-1) - picked)
+        constant = -(confidence * np.log(confidence) + (vocab - 1) * low * np.log(low + 1e-20))
+        loss = lse - expected - constant
+    else:
+        loss = lse - picked
+    mask = mask.astype(jnp.float32)
+    return (loss * mask).sum(), mask.sum()
+
+
+# Optimizer ------------------------------------------------------------------------------------
+
+
+def schedule(cfg: TrainConfig) -> optax.Schedule:
+    """Linear warmup from 0 to the learning rate, then linear decay to 0 at total_steps."""
+    warmup = optax.linear_schedule(0.0, cfg.learning_rate, max(cfg.warmup_steps, 1))
+    decay = optax.linear_schedule(
+        cfg.learning_rate, 0.0, max(cfg.total_steps - cfg.warmup_steps, 1)
+    )
+    return optax.join_schedules([warmup, decay], [cfg.warmup_steps])
+
+
+def _path(path: tuple) -> str:
+    return ".".join(map(str, path))
+
+
+def decays(path: tuple, _value=None) -> bool:
+    """AdamW decays weights, not biases nor LayerNorm parameters (as HF's script)."""
+    name = _path(path)
+    return not (name.endswith(".bias") or re.search(r"(^|\.)(ln\w*)\.scale$", name))
+
+
+def trainable(cfg: TrainConfig) -> nnx.filterlib.Filter:
+    """Parameters outside the frozen prefixes."""
+    frozen = tuple(cfg.freeze)
+
+    def keep(path: tuple, value) -> bool:
+        name = _path(path)
+        return isinstance(value, nnx.Param) and not any(
+            name == p or name.startswith(p + ".") for p in frozen
+        )
+
+    return keep
+
+
+def make_optimizer(model: VisionEncoderDecoder, cfg: TrainConfig) -> nnx.Optimizer:
+    tx = optax.adamw(
+        schedule(cfg),
+        cfg.adam_beta1,
+        cfg.adam_beta2,
+        cfg.adam_epsilon,
+        weight_decay=cfg.weight_decay,
+        mask=lambda params: _map_paths(decays, params),
+    )
+    if cfg.max_grad_norm:
+        tx = optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), tx)
+    return nnx.Optimizer(model, tx, wrt=trainable(cfg))
+
+
+def _map_paths(fn: Callable, tree):
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: fn(tuple(getattr(k, "key", getattr(k, "idx", k)) for k in path)), tree
+    )
+
+
+# Step -----------------------------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4), donate_argnums=(1,))
+def _train_step(graphdef, state, batch, step, cfg: TrainConfig):
+    model, optimizer = nnx.merge(graphdef, state)
+    key = jax.random.fold_in(jax.random.key(cfg.seed), step)
+
+    def loss_sum(model, micro, key):
+        logits = model(
+            micro["pixel_values"],
+            micro["decoder_input_ids"],
+            micro["decoder_attention_mask"],
+            rngs=nnx.Rngs(dropout=key),
+        )
+        return cross_entropy(
+            logits, micro["labels"], micro["decoder_attention_mask"], cfg.label_smoothing_factor
+        )
+
+    grad_fn = nnx.value_and_grad(loss_sum, argnums=nnx.DiffState(0, trainable(cfg)), has_aux=True)
+    # Gradients and losses are summed over micro-batches, then normalised once by the global
+    # number of real tokens (not a mean of per-micro-batch means).
+    k = cfg.gradient_accumulation_steps
+    grads, total, count = None, 0.0, 0.0
+    for i, micro in enumerate(split_micro_batches(batch, k) if k > 1 else [batch]):
+        (t, c), g = grad_fn(model, micro, jax.random.fold_in(key, i))
+        grads = g if grads is None else jax.tree.map(jnp.add, grads, g)
+        total, count = total + t, count + c
+    grads = jax.tree.map(lambda g: g / count, grads)
+    optimizer.update(model, grads)
+    metrics = {
+        "loss": total / count,
+        "tokens": count,
+        "learning_rate": schedule(cfg)(step),
+        "grad_norm": optax.global_norm(grads),
+    }
+    return nnx.state((model, optimizer)), metrics
+
+
+def split_micro_batches(batch: dict[str, jax.Array], k: int) -> list[dict[str, jax.Array]]:
+    """k equal micro-batches for gradient accumulation. Strided, so that each device of a
+    data-parallel mesh holds its share of every micro-batch."""
+    return [{name: x[i::k] for name, x in batch.items()} for i in range(k)]
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _eval_step(graphdef, state, batch, label_smoothing: float):
+    model, _ = nnx.merge(graphdef, state)
+    logits = model(
+        batch["pixel_values"], batch["decoder_input_ids"], batch["decoder_attention_mask"]
+    )
+    return cross_entropy(logits, batch["labels"], batch["decoder_attention_mask"], label_smoothing)
+
+
+class Trainer:
+    """Holds the (model, optimizer) state between steps as one pytree, sharded on `mesh`."""
+
+    def __init__(self, model: VisionEncoderDecoder, cfg: TrainConfig, mesh: Mesh | None = None):
+        self.cfg, self.mesh = cfg, mesh
+        optimizer = make_optimizer(model, cfg)
+        self.graphdef, self.state = nnx.split((model, optimizer))
+        self.step = 0
+        if mesh is not None:
+            self.batch_sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+
+    @property
+    def model(self) -> VisionEncoderDecoder:
+        return nnx.merge(self.graphdef, self.state)[0]
+
+    def _put(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        if self.mesh is None:
+            return {k: jnp.asarray(v) for k, v in batch.items()}
+        return {
+            k: jax.make_array_from_process_local_data(self.batch_sharding, v)
+            for k, v in batch.items()
+        }
+
+    def train_step(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        with _mesh_context(self.mesh):
+            self.state, metrics = _train_step(
+                self.graphdef, self.state, self._put(batch), jnp.int32(self.step), self.cfg
+            )
+        self.step += 1
+        return metrics
+
+    def eval_loss(self, batch: dict[str, np.ndarray]) -> tuple[jax.Array, jax.Array]:
+        with _mesh_context(self.mesh):
+            return _eval_step(
+                self.graphdef, self.state, self._put(batch), self.cfg.label_smoothing_factor
+            )
+
+    # Checkpoints ------------------------------------------------------------------------------
+
+    def save(self, directory: str, extra: dict | None = None) -> str:
+        """Writes step_<N>/ atomically: the folder appears complete or not at all."""
+        final = os.path.join(directory, f"step_{self.step:08d}")
+        tmp = f"{final}.tmp{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        flat = {_path(p): v for p, v in nnx.to_flat_state(self.state)}
+        specs = [
+            (name, v.shape, v.dtype, lambda v=v: np.asarray(jax.device_get(v[...])))
+            for name, v in sorted(flat.items())
+        ]
+        write_safetensors(os.path.join(tmp, "state.safetensors"), specs)
+        meta = {"step": self.step, "train_config": asdict(self.cfg), **(extra or {})}
+        with open(os.path.join(tmp, "meta.json"), "w", encoding="utf-8") as f:
+            json.dump(meta, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        if os.path.exists(final):  # a re-save of the same step replaces it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        return final
+
+    def restore(self, checkpoint: str) -> dict:
+        """Loads a step_<N>/ folder into the current state (same shapes and shardings)."""
+        flat = {_path(p): v for p, v in nnx.to_flat_state(self.state)}
+        with SafetensorsReader(os.path.join(checkpoint, "state.safetensors")) as reader:
+            missing = set(flat) - set(reader.entries)
+            if missing:
+                raise ValueError(f"{checkpoint}: checkpoint lacks {sorted(missing)[:5]}")
+            for name, var in flat.items():
+                value = reader.read(name)
+                old = var[...]
+                var[...] = jax.device_put(value.astype(old.dtype), old.sharding)
+        with open(os.path.join(checkpoint, "meta.json"), encoding="utf-8") as f:
+            meta = json.load(f)
+        self.step = int(meta["step"])
+        return meta
+
+
+def checkpoints(directory: str) -> list[str]:
+    """Complete checkpoints in `directory`, oldest first (temporary folders are ignored)."""
+    if not os.path.isdir(directory):
+        return []
+    names = sorted(n for n in os.listdir(directory) if re.fullmatch(r"step_\d{8}", n))
+    return [
+        os.path.join(directory, n)
+        for n in names
+        if os.path.exists(os.path.join(directory, n, "meta.json"))
+    ]
+
+
+def prune_checkpoints(directory: str, keep: int | None) -> None:
+    """Keeps the newest `keep` checkpoints (all when keep is None or 0)."""
+    if keep:
+        for old in checkpoints(directory)[:-keep]:
+            shutil.rmtree(old)
+
+
+class _mesh_context:
+    """`jax.set_mesh(mesh)` when a mesh is given, else nothing."""
+
+    def __init__(self, mesh: Mesh | None):
+        self.ctx = jax.set_mesh(mesh) if mesh is not None else None
+
+    def __enter__(self):
+        return self.ctx.__enter__() if self.ctx is not None else None
+
+    def __exit__(self, *exc):
+        return self.ctx.__exit__(*exc) if self.ctx is not None else None

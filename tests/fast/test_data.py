@@ -1,0 +1,322 @@
+"""nnx_caption.data on real files: tables, bad rows and images, targets, batch order. No torch."""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from nnx_caption import data
+from nnx_caption.data import CaptionDataset, DataError, Example, ImageStore, load_split
+from nnx_caption.processing import ImageProcessor, Tokenizer
+
+START = PAD = EOS = 335  # weights/tiny: GPT-2 style, <|endoftext|> is all three
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_dir) -> Tokenizer:
+    return Tokenizer.from_pretrained(tiny_dir)
+
+
+@pytest.fixture
+def processor() -> ImageProcessor:
+    return ImageProcessor(size=12, image_mean=[0.4, 0.5, 0.6], image_std=[0.2, 0.3, 0.25])
+
+
+def _noise(shape: tuple[int, ...], seed: int, dtype=np.uint8, high: int = 256) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, high, shape).astype(dtype)
+
+
+def _png(path: Path, seed: int = 0, size: int = 8) -> str:
+    Image.fromarray(_noise((size, size, 3), seed)).save(path)
+    return path.name
+
+
+def _images(folder: Path, n: int) -> list[str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    return [_png(folder / f"{i}.png", seed=i) for i in range(n)]
+
+
+def _write_csv(path: Path, header: list[str], rows: list[list]) -> Path:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows([header, *rows])
+    return path
+
+
+def _write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def _dataset(tmp_path: Path, tokenizer, n: int = 10, length: int = 8) -> CaptionDataset:
+    names = _images(tmp_path / "images", n)
+    table = _write_csv(
+        tmp_path / "t.csv",
+        ["image", "caption"],
+        [[f"images/{name}", f"caption {i}"] for i, name in enumerate(names)],
+    )
+    split = load_split(str(table))
+    return CaptionDataset(split, ImageProcessor(size=8), tokenizer, length, START, PAD, workers=1)
+
+
+# -- reading tables ----------------------------------------------------------------------------
+
+
+def test_csv_json_jsonl_and_imagefolder_read_alike(tmp_path):
+    names = _images(tmp_path, 3)
+    records = [{"image": n, "caption": f"caption {i}"} for i, n in enumerate(names)]
+    _write_csv(tmp_path / "t.csv", ["image", "caption"], [list(r.values()) for r in records])
+    (tmp_path / "t.json").write_text(json.dumps(records), encoding="utf-8")
+    _write_jsonl(tmp_path / "t.jsonl", records)
+    _write_jsonl(
+        tmp_path / "metadata.jsonl",
+        [{"file_name": r["image"], "text": r["caption"]} for r in records],
+    )
+    expected = [Example(str(tmp_path / r["image"]), r["caption"]) for r in records]
+    for name in ("t.csv", "t.json", "t.jsonl"):
+        split = load_split(str(tmp_path / name))
+        assert split.examples == expected and split.skipped == []
+    # imagefolder: the image column is file_name, whatever image_column says
+    assert load_split(str(tmp_path), caption_column="text").examples == expected
+
+
+def test_paths_are_relative_to_data_dir_when_given(tmp_path):
+    names = _images(tmp_path / "pictures", 2)
+    (tmp_path / "tables").mkdir()
+    table = _write_csv(
+        tmp_path / "tables" / "t.csv",
+        ["image", "caption"],
+        [
+            [names[0], "first"],
+            [str(tmp_path / "pictures" / names[1]), "absolute"],
+        ],
+    )
+    split = load_split(str(table), data_dir=str(tmp_path / "pictures"))
+    assert [e.image for e in split.examples] == [str(tmp_path / "pictures" / n) for n in names]
+    # without data_dir they are relative to the table's folder, where they are not
+    assert [w for w, _ in load_split(str(table)).skipped] == [f"{table}:2"]
+
+
+def test_bad_rows_are_skipped_with_reasons(tmp_path):
+    names = _images(tmp_path, 2)
+    long_caption = "a dog " * 500
+    table = _write_jsonl(
+        tmp_path / "t.jsonl",
+        [
+            {"image": names[0], "caption": "good"},
+            {"image": "missing.png", "caption": "no file"},
+            {"image": names[0], "caption": ""},
+            {"image": names[0], "caption": "  \t "},
+            {"image": names[0], "caption": 7},
+            {"image": names[0]},
+            {"image": None, "caption": "no path"},
+            {"image": names[1], "caption": long_caption},
+        ],
+    )
+    split = load_split(str(table))
+    assert [e.caption for e in split.examples] == ["good", long_caption]
+    reasons = dict(split.skipped)
+    assert list(reasons) == [f"{table}:{line}" for line in range(2, 8)]
+    assert "image file not found" in reasons[f"{table}:2"]
+    assert str(tmp_path / "missing.png") in reasons[f"{table}:2"]
+    assert "empty caption" in reasons[f"{table}:3"] and "empty caption" in reasons[f"{table}:4"]
+    assert "int" in reasons[f"{table}:5"] and "null" in reasons[f"{table}:6"]
+    assert "no image path" in reasons[f"{table}:7"]
+
+
+def test_max_samples_keeps_the_first_usable_rows(tmp_path):
+    names = _images(tmp_path, 4)
+    rows = [["missing.png", "x"]] + [[n, f"caption {i}"] for i, n in enumerate(names)]
+    table = _write_csv(tmp_path / "t.csv", ["image", "caption"], rows)
+    split = load_split(str(table), max_samples=2)
+    assert [e.caption for e in split.examples] == ["caption 0", "caption 1"]
+    assert len(split.skipped) == 1
+
+
+def test_missing_file_or_metadata_is_an_error(tmp_path):
+    with pytest.raises(DataError, match="no such file"):
+        load_split(str(tmp_path / "nope.csv"))
+    with pytest.raises(DataError, match="metadata.jsonl"):
+        load_split(str(tmp_path))
+
+
+def test_missing_column_names_file_column_and_columns_present(tmp_path):
+    table = _write_csv(tmp_path / "t.csv", ["image", "text"], [["a.png", "x"]])
+    with pytest.raises(DataError) as info:
+        load_split(str(table))
+    assert str(table) in str(info.value) and "'caption'" in str(info.value)
+    assert "image, text" in str(info.value)
+
+
+def test_non_utf8_csv_names_file_and_line(tmp_path):
+    table = tmp_path / "t.csv"
+    table.write_bytes("image,caption\na.png,fine\nb.png,caf\xe9\n".encode("latin-1"))
+    with pytest.raises(DataError, match=f"{table}:3: not valid UTF-8"):
+        load_split(str(table))
+
+
+def test_malformed_json_names_file_and_line(tmp_path):
+    table = tmp_path / "t.jsonl"
+    table.write_text('{"image": "a.png", "caption": "x"}\n\n{"image": "b.png", "caption": \n')
+    with pytest.raises(DataError, match=f"{table}:3: malformed JSON line"):
+        load_split(str(table))
+    table = tmp_path / "t.json"
+    table.write_text('[{"image": "a.png",\n "caption": }]')
+    with pytest.raises(DataError, match=f"{table}:2: malformed JSON"):
+        load_split(str(table))
+
+
+def test_no_usable_rows_is_an_error(tmp_path):
+    table = _write_csv(tmp_path / "t.csv", ["image", "caption"], [["missing.png", "x"]])
+    with pytest.raises(DataError, match="no usable rows.*image file not found"):
+        load_split(str(table))
+
+
+# -- images ------------------------------------------------------------------------------------
+
+
+def _modes(folder: Path) -> dict[str, str]:
+    """A file per image mode the decoder must handle: name -> the mode PIL opens it in."""
+    folder.mkdir(exist_ok=True)
+    rgb = _noise((9, 14, 3), 0)
+    Image.fromarray(rgb).save(folder / "rgb.png")
+    Image.fromarray(rgb).convert("L").save(folder / "l.png")
+    Image.fromarray(_noise((9, 14, 2), 1), "LA").save(folder / "la.png")
+    Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE).save(folder / "p.png")
+    Image.fromarray(_noise((9, 14, 4), 2), "RGBA").save(folder / "rgba.png")
+    Image.fromarray(_noise((9, 14, 4), 3), "CMYK").save(folder / "cmyk.tif")
+    Image.fromarray(_noise((9, 14), 4, np.uint16, 65536)).save(folder / "i16.png")
+    return {
+        "rgb.png": "RGB",
+        "l.png": "L",
+        "la.png": "LA",
+        "p.png": "P",
+        "rgba.png": "RGBA",
+        "cmyk.tif": "CMYK",
+        "i16.png": "I;16",
+    }
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_image_store_equals_the_processor_for_every_mode(tmp_path, processor, workers):
+    modes = _modes(tmp_path)
+    paths = [str(tmp_path / name) for name in modes]
+    for path, mode in zip(paths, modes.values(), strict=True):
+        assert Image.open(path).mode == mode
+    store = ImageStore(paths, processor, workers=workers)
+    assert store.ok.all() and store.reasons == {}
+    assert store._images.dtype == np.uint8  # 1 byte per value until a batch is made
+    expected = processor([Image.open(p) for p in paths])
+    np.testing.assert_allclose(store.pixels(np.arange(len(paths))), expected, rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(store.pixels(np.array([3, 0, 3])), expected[[3, 0, 3]])
+
+
+def test_bad_images_are_dropped_with_reasons(tmp_path, tokenizer, monkeypatch):
+    good = [_png(tmp_path / f"good{i}.png", seed=i) for i in range(2)]
+    (tmp_path / "zero.png").write_bytes(b"")
+    _png(tmp_path / "whole.png", size=30)  # under the pixel limit set below
+    data_bytes = (tmp_path / "whole.png").read_bytes()
+    (tmp_path / "truncated.png").write_bytes(data_bytes[: len(data_bytes) // 2])
+    _png(tmp_path / "bomb.png", size=64)  # 4096 pixels: over twice the limit set below
+    (tmp_path / "text.png").write_text("not an image")
+    names = [good[0], "zero.png", "truncated.png", "bomb.png", "text.png", good[1]]
+    table = _write_csv(tmp_path / "t.csv", ["image", "caption"], [[n, n] for n in names])
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # workers must honour it too
+
+    split = load_split(str(table))
+    assert len(split.examples) == 6  # every file exists: images are only read by the dataset
+    ds = CaptionDataset(split, ImageProcessor(size=8), tokenizer, 8, START, PAD, workers=2)
+    assert [e.caption for e in ds.examples] == good and len(ds) == 2
+    reasons = dict(ds.skipped)
+    assert list(reasons) == [str(tmp_path / n) for n in names[1:5]]
+    assert "0 bytes" in reasons[str(tmp_path / "zero.png")]
+    assert "truncated" in reasons[str(tmp_path / "truncated.png")]
+    assert "decompression bomb" in reasons[str(tmp_path / "bomb.png")]
+    assert "cannot identify image file" in reasons[str(tmp_path / "text.png")]
+    np.testing.assert_array_equal(
+        ds.batch(np.arange(2))["pixel_values"],
+        ImageProcessor(size=8)([str(tmp_path / n) for n in good]),
+    )
+
+
+# -- targets -----------------------------------------------------------------------------------
+
+
+def test_targets_are_lowercased_eos_terminated_truncated_and_shifted(tokenizer):
+    captions = ["A Dog", "a dog " * 50]
+    out = data.encode_targets(tokenizer, captions, 8, START, PAD)
+    assert {k: (v.dtype, v.shape) for k, v in out.items()} == {
+        k: (np.int32, (2, 8)) for k in ("labels", "decoder_input_ids", "decoder_attention_mask")
+    }
+    short = tokenizer.encode("a dog " + tokenizer.eos_token)
+    assert short[-1] == EOS
+    np.testing.assert_array_equal(out["labels"][0], short + [PAD] * (8 - len(short)))
+    np.testing.assert_array_equal(
+        out["decoder_attention_mask"][0], [1] * len(short) + [0] * (8 - len(short))
+    )
+    # a long caption is cut at max_target_length: its EOS is gone, as with HF's truncation
+    assert EOS not in out["labels"][1] and out["decoder_attention_mask"][1].all()
+    np.testing.assert_array_equal(out["labels"][1], tokenizer.encode(captions[1])[:8])
+    np.testing.assert_array_equal(out["decoder_input_ids"][:, 0], [START, START])
+    np.testing.assert_array_equal(out["decoder_input_ids"][:, 1:], out["labels"][:, :-1])
+
+
+# -- batch order -------------------------------------------------------------------------------
+
+
+def test_epoch_order_is_a_deterministic_permutation():
+    order = data.epoch_order(50, seed=3, epoch=1)
+    assert sorted(order) == list(range(50))
+    np.testing.assert_array_equal(order, data.epoch_order(50, seed=3, epoch=1))
+    assert not np.array_equal(order, data.epoch_order(50, seed=3, epoch=2))
+    assert not np.array_equal(order, data.epoch_order(50, seed=4, epoch=1))
+
+
+def _same(a: list[tuple[int, dict]], b: list[tuple[int, dict]]) -> bool:
+    return [s for s, _ in a] == [s for s, _ in b] and all(
+        x.keys() == y.keys() and all(np.array_equal(x[k], y[k]) for k in x)
+        for (_, x), (_, y) in zip(a, b, strict=True)
+    )
+
+
+def test_train_batches_follow_epoch_order_and_resume_exactly(tmp_path, tokenizer):
+    ds = _dataset(tmp_path, tokenizer, n=10)
+    assert len(ds) == 10 and ds.steps_per_epoch(3) == 3  # the tenth example is dropped
+    run = list(itertools.islice(data.train_batches(ds, 3, seed=5), 10))
+    assert [s for s, _ in run] == list(range(10))
+    for step, batch in run:
+        epoch, position = divmod(step, 3)
+        indices = data.epoch_order(10, 5, epoch)[position * 3 : position * 3 + 3]
+        assert _same([(step, batch)], [(step, ds.batch(indices))])
+        assert batch["pixel_values"].shape == (3, 8, 8, 3)
+    # an interrupted run resumed at step 4 goes on exactly as the uninterrupted one
+    resumed = list(itertools.islice(data.train_batches(ds, 3, seed=5, start_step=4), 6))
+    assert _same(resumed, run[4:])
+    unprefetched = list(itertools.islice(data.train_batches(ds, 3, seed=5, prefetch=0), 10))
+    assert _same(unprefetched, run)
+
+
+def test_train_batches_stop_their_thread_and_need_a_full_batch(tmp_path, tokenizer):
+    ds = _dataset(tmp_path, tokenizer, n=4)
+    before = threading.active_count()
+    batches = data.train_batches(ds, 2, seed=0)
+    next(batches)
+    batches.close()
+    assert threading.active_count() == before
+    with pytest.raises(DataError, match="do not fill one batch"):
+        data.train_batches(ds, 5, seed=0)
+
+
+def test_eval_batches_cover_everything_once_padding_the_last(tmp_path, tokenizer):
+    ds = _dataset(tmp_path, tokenizer, n=10)
+    batches = list(data.eval_batches(ds, 4))
+    assert [n for _, n in batches] == [4, 4, 2]
+    expected = [np.arange(4), np.arange(4, 8), np.array([8, 9, 9, 9])]
+    for (batch, _), indices in zip(batches, expected, strict=True):
+        assert _same([(0, batch)], [(0, ds.batch(indices))])

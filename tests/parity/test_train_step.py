@@ -1,0 +1,148 @@
+"""The train step against PyTorch: HF's loss (label smoothing, token-normalised), gradients,
+and AdamW with linear warmup/decay, no decay on biases and LayerNorm, clipping."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+from reference import CONFIGS, build_hf_model
+
+import nnx_caption as nc
+from nnx_caption.safetensors_io import SafetensorsReader
+from nnx_caption.train import TrainConfig, Trainer, cross_entropy, decays
+
+
+def hf_loss(logits, labels, mask, smoothing):
+    """HF run_image_captioning_flax.py's loss_fn, in torch."""
+    vocab = logits.shape[-1]
+    confidence = 1.0 - smoothing
+    low = (1.0 - confidence) / (vocab - 1)
+    constant = -(confidence * np.log(confidence) + (vocab - 1) * low * np.log(low + 1e-20))
+    soft = torch.full(logits.shape, low).scatter(-1, labels[..., None], confidence)
+    loss = -(soft * torch.log_softmax(logits, -1)).sum(-1) - constant
+    return (loss * mask).sum() / mask.sum()
+
+
+def batch(enc, dec, n=4, t=6, seed=0):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, dec["vocab_size"], (n, t)).astype(np.int32)
+    mask = np.ones((n, t), np.int32)
+    mask[1, 3:] = 0
+    mask[3, 5:] = 0
+    ids = np.concatenate([np.full((n, 1), dec["bos_token_id"]), labels[:, :-1]], 1)
+    return dict(
+        pixel_values=rng.standard_normal(
+            (n, enc["image_size"], enc["image_size"], 3), dtype=np.float32
+        ),
+        decoder_input_ids=ids.astype(np.int32),
+        labels=labels,
+        decoder_attention_mask=mask,
+    )
+
+
+def no_dropout(enc, dec):
+    enc = dict(enc, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    dec = dict(dec, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return enc, dec
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_loss_equals_hf_script(smoothing):
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((3, 5, 40)).astype(np.float32) * 3
+    labels = rng.integers(0, 40, (3, 5))
+    mask = (rng.random((3, 5)) > 0.3).astype(np.float32)
+    total, count = cross_entropy(logits, labels, mask, smoothing)
+    want = hf_loss(
+        torch.from_numpy(logits), torch.from_numpy(labels), torch.from_numpy(mask), smoothing
+    )
+    np.testing.assert_allclose(total / count, want.item(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_adamw_steps_equal_torch(tmp_path, accumulate):
+    enc, dec = no_dropout(*CONFIGS["proj_gelu"])
+    ref = build_hf_model(enc, dec, scale=2.0)
+    ref.save_pretrained(tmp_path)
+    model = nc.from_pretrained(tmp_path)
+    cfg = TrainConfig(
+        learning_rate=1e-3,
+        weight_decay=0.1,
+        warmup_steps=2,
+        total_steps=6,
+        max_grad_norm=0.5,
+        label_smoothing_factor=0.1,
+        gradient_accumulation_steps=accumulate,
+    )
+    trainer = Trainer(model, cfg)
+
+    # The same optimisation in torch: AdamW on decayed / non-decayed groups, clipping, the
+    # linear warmup-then-decay schedule, loss normalised by the batch's real tokens.
+    names = {n for n, _ in ref.named_parameters() if "pooler" not in n}
+    params = dict(ref.named_parameters())
+
+    def no_decay(n):
+        return n.endswith("bias") or "layernorm" in n or ".ln_" in n
+
+    decayed = [params[n] for n in sorted(names) if not no_decay(n)]
+    plain = [params[n] for n in sorted(names) if no_decay(n)]
+    opt = torch.optim.AdamW(
+        [{"params": decayed, "weight_decay": 0.1}, {"params": plain, "weight_decay": 0.0}],
+        lr=1e-3,
+        eps=1e-8,
+    )
+    lrs = [1e-3 * min(s / 2, (6 - s) / 4) for s in range(6)]
+    ref.train()
+    for step in range(4):
+        b = batch(enc, dec, seed=step)
+        got = trainer.train_step(b)
+        for g in opt.param_groups:
+            g["lr"] = lrs[step]
+        opt.zero_grad()
+        out = ref(
+            pixel_values=torch.from_numpy(b["pixel_values"]).permute(0, 3, 1, 2),
+            decoder_input_ids=torch.from_numpy(b["decoder_input_ids"]).long(),
+            decoder_attention_mask=torch.from_numpy(b["decoder_attention_mask"]).long(),
+        )
+        loss = hf_loss(
+            out.logits,
+            torch.from_numpy(b["labels"]).long(),
+            torch.from_numpy(b["decoder_attention_mask"]).float(),
+            0.1,
+        )
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([params[n] for n in names], 0.5)
+        opt.step()
+        np.testing.assert_allclose(float(got["loss"]), loss.item(), rtol=1e-5)
+    nc.save_pretrained(trainer.model, tmp_path / "after")
+    back = nc.from_pretrained(tmp_path / "after")
+    ref.save_pretrained(tmp_path / "ref_after")  # saved names are the HF layout's
+    with SafetensorsReader(tmp_path / "ref_after" / "model.safetensors") as reader:
+        ref_state = {k: reader.read(k) for k in reader.entries}
+    ours = nc.hf.WeightMap(back.config)
+    for path, var in nnx.to_flat_state(nnx.state(back, nnx.Param)):
+        name = ".".join(map(str, path))
+        hf_name, t = ours.to_hf(name)
+        np.testing.assert_allclose(
+            t.to_hf(np.asarray(var[...])), ref_state[hf_name], atol=2e-5, err_msg=hf_name
+        )
+
+
+def test_decay_mask_and_frozen_parts(tmp_path):
+    enc, dec = no_dropout(*CONFIGS["proj_gelu"])
+    build_hf_model(enc, dec).save_pretrained(tmp_path)
+    model = nc.from_pretrained(tmp_path)
+    assert decays(("decoder", "blocks", 0, "mlp", "fc", "kernel"))
+    assert not decays(("decoder", "blocks", 0, "mlp", "fc", "bias"))
+    assert not decays(("decoder", "blocks", 0, "ln_cross", "scale"))
+    assert not decays(("encoder", "ln_f", "scale"))
+    before = jax.tree.map(np.asarray, nnx.state(model.encoder, nnx.Param))
+    wte_before = np.asarray(model.decoder.wte[...])  # the trainer owns (donates) the arrays
+    trainer = Trainer(model, TrainConfig(learning_rate=1e-2, total_steps=4, freeze=("encoder",)))
+    trainer.train_step(batch(enc, dec))
+    after = nnx.state(trainer.model.encoder, nnx.Param)
+    jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.asarray, after))
+    assert not np.allclose(np.asarray(trainer.model.decoder.wte[...]), wte_before)

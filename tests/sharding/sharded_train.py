@@ -1,0 +1,85 @@
+"""Run in its own process (8 simulated CPU devices, set before jax is imported): a few train
+steps on a mesh vs on one device; prints JSON."""
+
+import json
+import os
+import sys
+import tempfile
+
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+os.environ["JAX_PLATFORMS"] = "cpu"
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+import nnx_caption as nc  # noqa: E402
+from nnx_caption.config import tiny  # noqa: E402
+from nnx_caption.sharding import make_mesh  # noqa: E402
+from nnx_caption.train import TrainConfig, Trainer  # noqa: E402
+
+
+def batches(n_steps: int, cfg) -> list[dict]:
+    rng = np.random.default_rng(0)
+    out = []
+    for _ in range(n_steps):
+        labels = rng.integers(0, cfg.decoder.vocab_size, (8, 6)).astype(np.int32)
+        mask = (rng.random((8, 6)) > 0.2).astype(np.int32)
+        mask[:, 0] = 1
+        ids = np.concatenate([np.zeros((8, 1), np.int32), labels[:, :-1]], axis=1)
+        out.append(
+            dict(
+                pixel_values=rng.standard_normal((8, 32, 32, 3), dtype=np.float32),
+                decoder_input_ids=ids,
+                labels=labels,
+                decoder_attention_mask=mask,
+            )
+        )
+    return out
+
+
+def run(directory: str, mesh, cfg: TrainConfig, data) -> tuple[list[float], dict]:
+    trainer = Trainer(nc.from_pretrained(directory, mesh=mesh), cfg, mesh)
+    losses = [float(trainer.train_step(b)["loss"]) for b in data]
+    params = {
+        ".".join(map(str, p)): np.asarray(jax.device_get(v[...]))
+        for p, v in nnx.to_flat_state(nnx.state(trainer.model, nnx.Param))
+    }
+    specs = {
+        ".".join(map(str, p)): str(tuple(getattr(v[...].sharding, "spec", ())))
+        for p, v in nnx.to_flat_state(nnx.state(trainer.model, nnx.Param))
+    }
+    return losses, params, specs
+
+
+def main(data_axis: int, fsdp: int, tensor: int) -> None:
+    directory = tempfile.mkdtemp()
+    config = tiny()
+    nc.save_pretrained(nc.VisionEncoderDecoder(config, rngs=nnx.Rngs(0)), directory)
+    cfg = TrainConfig(
+        learning_rate=1e-3,
+        warmup_steps=1,
+        total_steps=4,
+        weight_decay=0.01,
+        max_grad_norm=1.0,
+        gradient_accumulation_steps=2,
+        seed=1,
+    )
+    data = batches(3, config)
+    single_losses, single, _ = run(directory, None, cfg, data)
+    mesh = make_mesh(data_axis, fsdp, tensor)
+    losses, sharded, specs = run(directory, mesh, cfg, data)
+    print(
+        json.dumps(
+            {
+                "loss_diff": max(abs(a - b) for a, b in zip(losses, single_losses, strict=True)),
+                "param_diff": max(float(np.abs(sharded[k] - single[k]).max()) for k in single),
+                "losses": losses,
+                "specs": specs,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main(*map(int, sys.argv[1:4]))
