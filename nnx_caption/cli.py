@@ -38,27 +38,6 @@ def _rewrite(args: argparse.Namespace, layout: str) -> None:
     print(f"wrote {layout.upper()} layout to {args.dst} (+ {', '.join(copied) or 'no aux files'})")
 
 
-def _demo(args: argparse.Namespace) -> None:
-    """Until the training demo lands: convert weights/tiny both ways and check each copy against
-    the logits transformers produced for it."""
-    import jax.numpy as jnp
-    import numpy as np
-
-    from nnx_caption.hf import from_pretrained, save_pretrained
-
-    golden = np.load(os.path.join(args.weights, "golden.npz"))
-    inputs = [
-        jnp.asarray(golden[k])
-        for k in ("pixel_values", "decoder_input_ids", "decoder_attention_mask")
-    ]
-    model = from_pretrained(args.weights)
-    for layout in ("nnx", "hf"):
-        out = os.path.join(args.out, layout)
-        save_pretrained(model, out, layout=layout)
-        diff = np.abs(np.asarray(from_pretrained(out)(*inputs)) - golden["logits"]).max()
-        print(f"{layout:>3} layout -> {out}: max |logits - transformers| = {diff:.2e}")
-
-
 def _add_predict(sub) -> None:
     help_ = "caption images: write predictions.jsonl, skipped.jsonl and gallery.html"
     p = sub.add_parser("predict", help=help_, description=help_)
@@ -128,9 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
         "run_image_captioning_flax.py. A run resumes from the newest checkpoint in --output_dir.",
     )
     add_train_flags(train)
-    demo = sub.add_parser("demo", help="the demo job (see README)")
-    demo.add_argument("--weights", default="weights/tiny")
-    demo.add_argument("--out", default="out/demo")
+    demo = sub.add_parser("demo", help="train, evaluate and caption on the shapes dataset")
+    demo.add_argument("--out", default="out/demo", help="where everything is written")
+    demo.add_argument("--steps", type=int, default=3000, help="training steps")
     return parser
 
 
@@ -142,7 +121,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "predict":
             _predict(args)
         elif args.command == "demo":
-            _demo(args)
+            from nnx_caption.demo import run_demo
+
+            run_demo(args.out, args.steps)
         elif args.command == "train":
             from nnx_caption.loop import args_from_namespace, run
 

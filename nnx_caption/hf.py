@@ -318,8 +318,14 @@ def load_weights(
                             "ties the LM head to the token embedding (tie_word_embeddings)"
                         )
                     continue
-                sharding = param_sharding(var, mesh) if mesh is not None else None
-                var.set_value(jax.device_put(array, sharding))
+                if mesh is None:
+                    var.set_value(jax.device_put(array))
+                else:  # each process places only its own shards: works across hosts too
+                    var.set_value(
+                        jax.make_array_from_callback(
+                            array.shape, param_sharding(var, mesh), lambda index: array[index]
+                        )
+                    )
                 source[path] = (file, key)
     missing = [p for p in params if p not in source]
     if missing:

@@ -258,12 +258,21 @@ def train_loop(
     trainer: Trainer, ds, a: TrainArgs, global_batch: int, total: int, ckpt_dir: str, eval_fn=None
 ) -> list[dict]:
     """Steps from trainer.step to `total`, logging, evaluating and checkpointing."""
+    from tensorboardX import SummaryWriter
     from tqdm import tqdm
 
     metrics_path = os.path.join(a.output_dir, "metrics.jsonl")
+    board = SummaryWriter(os.path.join(a.output_dir, "tensorboard"))
     history: list[dict] = []
     window: list[dict] = []
-    bar = tqdm(total=total, initial=trainer.step, desc="train", unit="step", dynamic_ncols=True)
+    bar = tqdm(
+        total=total,
+        initial=trainer.step,
+        desc="train",
+        unit="step",
+        dynamic_ncols=True,
+        mininterval=2.0,
+    )
     start, t0 = trainer.step, time.perf_counter()
     batches = data_lib.train_batches(ds, global_batch, a.seed, start_step=trainer.step)
     for step, batch in batches:
@@ -282,6 +291,9 @@ def train_loop(
             window = []
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(logged) + "\n")
+            for key in ("loss", "learning_rate", "grad_norm", "examples_per_second"):
+                board.add_scalar(f"train/{key}", logged[key], done)
+            board.flush()
             bar.set_postfix(
                 loss=f"{logged['loss']:.3f}",
                 lr=f"{logged['learning_rate']:.2e}",
@@ -293,6 +305,7 @@ def train_loop(
             trainer.save(ckpt_dir, {"seed": a.seed})
             prune_checkpoints(ckpt_dir, a.save_total_limit)
     bar.close()
+    board.close()
     trainer.save(ckpt_dir, {"seed": a.seed})
     prune_checkpoints(ckpt_dir, a.save_total_limit)
     return history

@@ -28,6 +28,9 @@ DTYPES = {
     "I16": np.dtype(np.int16),
     "I8": np.dtype(np.int8),
     "U8": np.dtype(np.uint8),
+    "U16": np.dtype(np.uint16),
+    "U32": np.dtype(np.uint32),
+    "U64": np.dtype(np.uint64),
     "BOOL": np.dtype(np.bool_),
 }
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}

@@ -236,3 +236,26 @@ def build_eos_model(boost: float, *, pad_token_id: int = 0, seed: int = 0):
         for block in model.decoder.transformer.h:
             block.crossattention.c_proj.weight *= 4.0
     return model
+
+
+def random_train_batches(
+    vocab: int, steps: int = 3, batch: int = 8, length: int = 6, image_size: int = 32, seed: int = 0
+) -> list[dict]:
+    """Random training batches (start token 0, some padding) for step-equality tests."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(steps):
+        labels = rng.integers(0, vocab, (batch, length)).astype(np.int32)
+        mask = (rng.random((batch, length)) > 0.2).astype(np.int32)
+        mask[:, 0] = 1
+        ids = np.concatenate([np.zeros((batch, 1), np.int32), labels[:, :-1]], axis=1)
+        pixels = rng.standard_normal((batch, image_size, image_size, 3), dtype=np.float32)
+        out.append(
+            dict(
+                pixel_values=pixels,
+                decoder_input_ids=ids,
+                labels=labels,
+                decoder_attention_mask=mask,
+            )
+        )
+    return out

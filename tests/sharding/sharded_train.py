@@ -9,33 +9,17 @@ import tempfile
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 os.environ["JAX_PLATFORMS"] = "cpu"
 
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
+from reference import random_train_batches  # noqa: E402
 
 import nnx_caption as nc  # noqa: E402
 from nnx_caption.config import tiny  # noqa: E402
 from nnx_caption.sharding import make_mesh  # noqa: E402
 from nnx_caption.train import TrainConfig, Trainer  # noqa: E402
-
-
-def batches(n_steps: int, cfg) -> list[dict]:
-    rng = np.random.default_rng(0)
-    out = []
-    for _ in range(n_steps):
-        labels = rng.integers(0, cfg.decoder.vocab_size, (8, 6)).astype(np.int32)
-        mask = (rng.random((8, 6)) > 0.2).astype(np.int32)
-        mask[:, 0] = 1
-        ids = np.concatenate([np.zeros((8, 1), np.int32), labels[:, :-1]], axis=1)
-        out.append(
-            dict(
-                pixel_values=rng.standard_normal((8, 32, 32, 3), dtype=np.float32),
-                decoder_input_ids=ids,
-                labels=labels,
-                decoder_attention_mask=mask,
-            )
-        )
-    return out
 
 
 def run(directory: str, mesh, cfg: TrainConfig, data) -> tuple[list[float], dict]:
@@ -65,7 +49,7 @@ def main(data_axis: int, fsdp: int, tensor: int) -> None:
         gradient_accumulation_steps=2,
         seed=1,
     )
-    data = batches(3, config)
+    data = random_train_batches(config.decoder.vocab_size)
     single_losses, single, _ = run(directory, None, cfg, data)
     mesh = make_mesh(data_axis, fsdp, tensor)
     losses, sharded, specs = run(directory, mesh, cfg, data)

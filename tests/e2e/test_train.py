@@ -1,0 +1,281 @@
+"""`nnx-caption train` end to end on the shapes data: learns, evaluates, exports a checkpoint
+transformers loads, and resumes exactly after SIGKILL."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flax import nnx
+
+import nnx_caption as nc
+from nnx_caption.config import CaptionConfig, GPT2Config, ViTConfig
+from nnx_caption.data import load_split, make_shapes, train_caption_tokenizer
+from nnx_caption.processing import ImageProcessor, Tokenizer
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("shapes")
+    splits = make_shapes(str(root / "data"), n_train=256, n_validation=32, n_test=32, seed=1)
+    init = root / "init"
+    init.mkdir()
+    captions = [e.caption for e in load_split(splits["train"], "file_name", "text").examples]
+    train_caption_tokenizer(captions, str(init))
+    tok = Tokenizer.from_pretrained(init)
+    ImageProcessor(size=32).save_pretrained(init)
+    eos = tok.eos_token_id
+    config = CaptionConfig(
+        encoder=ViTConfig(
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+            image_size=32,
+            patch_size=8,
+        ),
+        decoder=GPT2Config(
+            vocab_size=tok.vocab_size,
+            n_positions=20,
+            n_embd=32,
+            n_layer=1,
+            n_head=2,
+            bos_token_id=eos,
+            eos_token_id=eos,
+        ),
+        decoder_start_token_id=eos,
+        pad_token_id=eos,
+        eos_token_id=eos,
+    )
+    nc.save_pretrained(nc.VisionEncoderDecoder(config, rngs=nnx.Rngs(0)), init)
+    # The same data as csv files with HF's example columns (image_path, caption).
+    for name in ("train", "validation"):
+        rows = [json.loads(line) for line in open(Path(splits[name]) / "metadata.jsonl")]
+        with open(root / f"{name}.csv", "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["image_path", "caption"])
+            for r in rows:
+                writer.writerow([str(Path(splits[name]) / r["file_name"]), r["text"]])
+    return dict(root=root, init=init, splits=splits)
+
+
+def read_scalars(path: Path) -> dict[str, list[float]]:
+    """Scalars of a TensorBoard event file: records of (length, crc, Event proto, crc)."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    data, scalars, pos = path.read_bytes(), {}, 0
+    while pos < len(data):
+        (n,) = struct.unpack("<Q", data[pos : pos + 8])
+        event = Event.FromString(data[pos + 12 : pos + 12 + n])
+        pos += 12 + n + 4
+        for value in event.summary.value:
+            scalars.setdefault(value.tag, []).append(value.simple_value)
+    return scalars
+
+
+def cli(*args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "nnx_caption.cli", *args], text=True, capture_output=True, **kw
+    )
+
+
+def test_hf_example_command_trains_evaluates_and_exports(setup, tmp_path):
+    """The training command of HF's example README, on a local csv instead of the hub
+    dataset (the only change besides the script name)."""
+    root, out = setup["root"], tmp_path / "results"
+    proc = cli(
+        "train",
+        "--output_dir",
+        str(out),
+        "--model_name_or_path",
+        str(setup["init"]),
+        "--train_file",
+        str(root / "train.csv"),
+        "--validation_file",
+        str(root / "validation.csv"),
+        "--image_column",
+        "image_path",
+        "--caption_column",
+        "caption",
+        "--do_train",
+        "--do_eval",
+        "--predict_with_generate",
+        "--num_train_epochs",
+        "6",
+        "--eval_steps",
+        "500",
+        "--learning_rate",
+        "3e-3",
+        "--warmup_steps",
+        "0",
+        "--per_device_train_batch_size",
+        "32",
+        "--per_device_eval_batch_size",
+        "32",
+        "--overwrite_output_dir",
+        "--logging_steps",
+        "8",
+        "--max_target_length",
+        "16",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    logged = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert logged[-1]["loss"] < 0.6 * logged[0]["loss"]
+    results = json.loads((out / "eval_results.json").read_text())
+    for key in ("eval_loss", "eval_Bleu_4", "eval_ROUGE_L", "eval_CIDEr", "eval_rougeL"):
+        assert key in results
+    assert results["eval_Bleu_1"] > 0.3
+    generated = json.loads((out / "generated_eval.json").read_text())
+    assert len(generated) == 32 and {"label", "prediction"} <= set(generated[0])
+    assert (out / "loss.png").stat().st_size > 0
+    losses = read_scalars(next((out / "tensorboard").glob("events.out.tfevents.*")))
+    assert losses["train/loss"] == pytest.approx([r["loss"] for r in logged], rel=1e-6)
+
+    import torch
+    from transformers import VisionEncoderDecoderModel
+
+    ref = VisionEncoderDecoderModel.from_pretrained(out).eval()
+    ours = nc.from_pretrained(out)
+    pixels = np.random.default_rng(0).standard_normal((2, 32, 32, 3), dtype=np.float32)
+    ids = np.array([[ours.config.decoder_start_token_id, 5, 9]] * 2, np.int32)
+    with torch.no_grad():
+        want = ref(
+            pixel_values=torch.from_numpy(pixels).permute(0, 3, 1, 2),
+            decoder_input_ids=torch.from_numpy(ids).long(),
+        ).logits.numpy()
+    np.testing.assert_allclose(ours(pixels, ids), want, atol=1e-4)
+
+
+def _train_args(setup, out: Path) -> list[str]:
+    return [
+        "train",
+        "--output_dir",
+        str(out),
+        "--model_name_or_path",
+        str(setup["init"]),
+        "--train_file",
+        setup["splits"]["train"],
+        "--image_column",
+        "file_name",
+        "--caption_column",
+        "text",
+        "--do_train",
+        "--max_steps",
+        "24",
+        "--save_steps",
+        "4",
+        "--per_device_train_batch_size",
+        "16",
+        "--learning_rate",
+        "1e-3",
+        "--logging_steps",
+        "4",
+        "--max_target_length",
+        "16",
+        "--seed",
+        "3",
+    ]
+
+
+def _params(path: Path) -> dict[str, np.ndarray]:
+    model = nc.from_pretrained(path)
+    return {
+        ".".join(map(str, p)): np.asarray(v[...])
+        for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
+    }
+
+
+def test_sigkill_after_a_checkpoint_then_resume_is_exact(setup, tmp_path):
+    straight = cli(*_train_args(setup, tmp_path / "straight"))
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nnx_caption.cli", *_train_args(setup, out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 240
+    while not (out / "checkpoints" / "step_00000008" / "meta.json").exists():
+        assert proc.poll() is None and time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "config.json").exists()  # it really stopped mid-run
+
+    resumed = cli(*_train_args(setup, out))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr
+    want, got = _params(tmp_path / "straight"), _params(out)
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
+def test_bad_flags_and_data_stop_before_training(setup, tmp_path):
+    root = setup["root"]
+    proc = cli(
+        "train",
+        "--output_dir",
+        str(tmp_path / "o"),
+        "--model_name_or_path",
+        str(setup["init"]),
+        "--train_file",
+        str(root / "train.csv"),
+        "--do_train",
+        "--image_column",
+        "picture",
+    )
+    assert proc.returncode == 2 and "picture" in proc.stderr and "train.csv" in proc.stderr
+    proc = cli(
+        "train",
+        "--output_dir",
+        str(tmp_path / "o2"),
+        "--model_name_or_path",
+        str(setup["init"]),
+        "--do_train",
+    )
+    assert proc.returncode == 2 and "--train_file" in proc.stderr
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    proc = cli(
+        "train",
+        "--output_dir",
+        str(tmp_path / "busy"),
+        "--model_name_or_path",
+        str(setup["init"]),
+        "--train_file",
+        str(root / "train.csv"),
+        "--do_train",
+        "--image_column",
+        "image_path",
+    )
+    assert proc.returncode == 2 and "--overwrite_output_dir" in proc.stderr
+    assert (tmp_path / "busy" / "notes.txt").read_text() == "mine"
+
+
+def test_help_documents_every_flag():
+    proc = cli("train", "--help")
+    assert proc.returncode == 0
+    for flag in (
+        "--model_name_or_path",
+        "--label_smoothing_factor",
+        "--predict_with_generate",
+        "--gradient_accumulation_steps",
+        "--save_total_limit",
+        "--mesh_fsdp",
+        "--freeze",
+        "--push_to_hub",
+        "--hub_model_id",
+        "--dataset_config_name",
+    ):
+        assert flag in proc.stdout

@@ -1,0 +1,62 @@
+"""One process of a two-process (multi-host) run on this machine, or the one-process
+reference. Each process has 2 simulated CPU devices (4 global), talks to the other through
+jax.distributed with gloo collectives, and feeds only its half of every global batch.
+
+    python multihost_train.py CHECKPOINT OUT.npz PORT PROCESS_ID   # PROCESS_ID 0 or 1
+    python multihost_train.py CHECKPOINT OUT.npz                   # single process, 1 device
+"""
+
+import os
+import sys
+
+multihost = len(sys.argv) == 5
+if multihost:
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+os.environ["JAX_PLATFORMS"] = "cpu"
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+from jax.experimental import multihost_utils  # noqa: E402
+from reference import random_train_batches  # noqa: E402
+
+import nnx_caption as nc  # noqa: E402
+from nnx_caption.sharding import make_mesh  # noqa: E402
+from nnx_caption.train import TrainConfig, Trainer  # noqa: E402
+
+CFG = TrainConfig(
+    learning_rate=1e-3, warmup_steps=1, total_steps=4, weight_decay=0.01, max_grad_norm=1.0, seed=1
+)
+
+
+def main() -> None:
+    checkpoint, out = sys.argv[1], sys.argv[2]
+    mesh, process, processes = None, 0, 1
+    if multihost:
+        port, process = sys.argv[3], int(sys.argv[4])
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(
+            coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=process
+        )
+        processes = 2
+        assert jax.device_count() == 4 and jax.local_device_count() == 2
+        mesh = make_mesh(data=4)
+    model = nc.from_pretrained(checkpoint, mesh=mesh)
+    trainer = Trainer(model, CFG, mesh)
+    losses = []
+    for batch in random_train_batches(model.config.decoder.vocab_size):
+        rows = len(batch["labels"]) // processes  # this process's share of the global batch
+        local = {k: v[process * rows : (process + 1) * rows] for k, v in batch.items()}
+        losses.append(float(trainer.train_step(local)["loss"].addressable_data(0)))
+    params = {
+        ".".join(map(str, p)): np.asarray(multihost_utils.process_allgather(v[...], tiled=True))
+        for p, v in nnx.to_flat_state(nnx.state(trainer.model, nnx.Param))
+    }
+    if process == 0:
+        np.savez(out, losses=np.array(losses), **params)
+
+
+if __name__ == "__main__":
+    main()
