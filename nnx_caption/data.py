@@ -126,6 +126,23 @@ def _json_rows(path: str, text: str) -> Rows:
     return list(enumerate(data, start=1))
 
 
+TABLE_SUFFIXES = (".csv", ".json", ".jsonl")
+
+
+def read_table(path: str) -> tuple[list[str], Rows]:
+    """(columns, rows) of a .csv / .json / .jsonl table; errors name the file and line."""
+    text = _read_text(path)
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix == ".csv":
+        columns, rows = _csv_rows(path, text)
+    else:
+        rows = (_jsonl_rows if suffix == ".jsonl" else _json_rows)(path, text)
+        columns = _columns(rows)
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    return columns, rows
+
+
 def _kind(value: Any) -> str:
     return "null" if value is None else type(value).__name__
 
@@ -166,18 +183,9 @@ def load_split(
         table = found[0]
     else:
         table = path
-    suffix = os.path.splitext(table)[1].lower()
-    if suffix not in (".csv", ".json", ".jsonl"):
+    if os.path.splitext(table)[1].lower() not in TABLE_SUFFIXES:
         raise DataError(f"{path}: expected a .csv, .json or .jsonl file, or an imagefolder folder")
-    text = _read_text(table)
-    if suffix == ".csv":
-        columns, rows = _csv_rows(table, text)
-    else:
-        rows = (_jsonl_rows if suffix == ".jsonl" else _json_rows)(table, text)
-        columns = _columns(rows)
-
-    if not rows:
-        raise DataError(f"{table}: no rows")
+    columns, rows = read_table(table)
     if table != path and image_column not in columns:
         image_column = IMAGEFOLDER_IMAGE_COLUMN  # imagefolder's convention
     for column in (image_column, caption_column):

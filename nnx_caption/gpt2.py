@@ -11,7 +11,15 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nnx_caption.config import GPT2Config
-from nnx_caption.layers import MLP, Dense, LayerNorm, attention, dropout, heads_first
+from nnx_caption.layers import (
+    MLP,
+    Dense,
+    LayerNorm,
+    attention,
+    call_block,
+    dropout,
+    heads_first,
+)
 from nnx_caption.sharding import constrain
 
 
@@ -145,6 +153,7 @@ class GPT2(nnx.Module):
             else Dense(e, cfg.vocab_size, ("embed", "vocab"), use_bias=False, **kw)
         )
         self.dtype = dtype
+        self.remat = False  # set by training (TrainConfig.remat)
 
     @property
     def compute_dtype(self) -> jnp.dtype:
@@ -194,8 +203,9 @@ class GPT2(nnx.Module):
             cross_kv = self.cross_kv(image)
         new_cache = []
         for i, block in enumerate(self.blocks):
-            x, layer_cache = block(
-                x, cross_kv[i], attend, rngs, None if cache is None else cache[i], start
+            layer_cache = None if cache is None else cache[i]
+            x, layer_cache = call_block(
+                block, self.remat, x, cross_kv[i], attend, rngs, layer_cache, start
             )
             new_cache.append(layer_cache)
         x = self.ln_f(x)

@@ -83,6 +83,7 @@ class Dense(nnx.Module):
             if use_bias
             else None
         )
+        self.lora: nnx.Module | None = nnx.data(None)  # low-rank adapter, see lora.py
 
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.kernel[...]
@@ -90,6 +91,8 @@ class Dense(nnx.Module):
         y = jnp.tensordot(x.astype(dtype), kernel.astype(dtype), axes=self.n_in)
         if self.bias is not None:
             y = y + self.bias[...].astype(dtype)
+        if self.lora is not None:
+            y = y + self.lora(x.astype(dtype), self.n_in).reshape(y.shape)
         return y
 
 
@@ -152,6 +155,14 @@ def attention(
 def heads_first(x: jax.Array) -> jax.Array:
     """(B, S, H, D) <-> (B, H, S, D): the key / value layout `attention` takes."""
     return x.transpose(0, 2, 1, 3)
+
+
+def call_block(block: nnx.Module, remat: bool, *args):
+    """block(*args); with `remat`, its activations are recomputed in the backward pass rather
+    than kept from the forward pass (less memory, about a third more compute)."""
+    if not remat:
+        return block(*args)
+    return nnx.remat(lambda b, *a: b(*a))(block, *args)
 
 
 class MLP(nnx.Module):

@@ -79,6 +79,7 @@ class TrainArgs:
     mesh_tensor: int = 1
     freeze: list[str] = field(default_factory=list)
     lora_rank: int = 0
+    gradient_checkpointing: bool = False
     preprocessing_num_workers: int = 2
     eval_limit_batches: int | None = None
 
@@ -93,23 +94,24 @@ def _check_args(a: TrainArgs) -> None:
     if not (a.do_train or a.do_eval or a.do_predict):
         raise UsageError("nothing to do: pass --do_train, --do_eval and/or --do_predict")
     if a.dataset_name:
-        raise UsageError(
-            "--dataset_name needs the optional `datasets` package, which is not installed here; "
-            "export the split to csv/jsonl or an imagefolder and pass --train_file etc."
-        )
+        try:
+            import datasets  # noqa: F401
+        except ImportError:
+            raise UsageError(
+                "--dataset_name needs the optional `datasets` package (pip install datasets); "
+                "or export the splits to csv/jsonl or an imagefolder and pass --train_file etc."
+            ) from None
     for flag, needed in (
         ("do_train", "train_file"),
         ("do_eval", "validation_file"),
         ("do_predict", "test_file"),
     ):
-        if getattr(a, flag) and not getattr(a, needed):
+        if getattr(a, flag) and not getattr(a, needed) and not a.dataset_name:
             raise UsageError(f"--{flag} needs --{needed}")
     if a.dtype not in ("float32", "bfloat16", "float16"):
         raise UsageError(f"--dtype must be float32, bfloat16 or float16, not {a.dtype!r}")
-    if a.lora_rank:
-        raise UsageError(
-            "--lora_rank is not supported yet; train the full model or --freeze parts of it"
-        )
+    if a.lora_rank < 0:
+        raise UsageError(f"--lora_rank must be >= 0, got {a.lora_rank}")
 
 
 def _prepare_output_dir(a: TrainArgs) -> str:
@@ -130,10 +132,54 @@ def _prepare_output_dir(a: TrainArgs) -> str:
     return ckpt_dir
 
 
+def hf_dataset_split(a: TrainArgs, split: str, limit: int | None) -> data_lib.Split:
+    """One split of an HF `datasets` dataset (e.g. --dataset_name imagefolder --data_dir DIR).
+    Image columns holding decoded images are written once as PNG files under output_dir, so
+    that they go through the same image pipeline as files do."""
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(
+            a.dataset_name, a.dataset_config_name, data_dir=a.data_dir, split=split
+        )
+    except Exception as err:  # datasets raises many kinds; the message says which
+        raise UsageError(
+            f"--dataset_name {a.dataset_name}: cannot load split {split!r}: {err}"
+        ) from None
+    for column in (a.image_column, a.caption_column):
+        if column not in ds.column_names:
+            raise UsageError(
+                f"--dataset_name {a.dataset_name} ({split}): no column {column!r} "
+                f"(columns: {', '.join(ds.column_names)})"
+            )
+    image_dir = os.path.join(a.output_dir, "dataset_images", split)
+    os.makedirs(image_dir, exist_ok=True)
+    examples, skipped = [], []
+    for i, row in enumerate(ds):
+        image, caption = row[a.image_column], row[a.caption_column]
+        where = f"{a.dataset_name}:{split}:{i}"
+        if not isinstance(caption, str) or not caption.strip():
+            skipped.append((where, f"empty caption in column {a.caption_column!r}"))
+            continue
+        if isinstance(image, str):
+            path = os.path.abspath(os.path.join(a.data_dir or "", image))
+        else:
+            path = os.path.join(image_dir, f"{i:08d}.png")
+            if not os.path.exists(path):
+                image.save(path)
+        examples.append(data_lib.Example(path, caption))
+        if limit is not None and len(examples) == limit:
+            break
+    return data_lib.Split(examples, skipped)
+
+
 def _dataset(
     a: TrainArgs, path: str, limit: int | None, target_len: int, proc, tok, cfg, name: str
 ) -> data_lib.CaptionDataset:
-    split = data_lib.load_split(path, a.image_column, a.caption_column, a.data_dir, limit)
+    if a.dataset_name:
+        split = hf_dataset_split(a, {"eval": "validation"}.get(name, name), limit)
+    else:
+        split = data_lib.load_split(path, a.image_column, a.caption_column, a.data_dir, limit)
     ds = data_lib.CaptionDataset(
         split,
         proc,
@@ -153,8 +199,8 @@ def _dataset(
             for where, why in skipped:
                 f.write(json.dumps({"row": where, "reason": why}) + "\n")
     if len(ds) == 0:
-        raise UsageError(f"{path}: no usable rows ({len(skipped)} skipped)")
-    _log(f"{name}: {len(ds)} examples from {path}")
+        raise UsageError(f"{path or a.dataset_name}: no usable rows ({len(skipped)} skipped)")
+    _log(f"{name}: {len(ds)} examples from {path or a.dataset_name}")
     return ds
 
 
@@ -171,6 +217,13 @@ def run(a: TrainArgs) -> dict:
     source = resolve(a.model_name_or_path)
     dtype = None if a.dtype == "float32" else jnp.dtype(a.dtype)
     model = from_pretrained(source, dtype, mesh=mesh)
+    if a.lora_rank:
+        from nnx_caption.lora import add_lora
+
+        _log(
+            f"LoRA rank {a.lora_rank} on {add_lora(model, a.lora_rank, seed=a.seed)} "
+            "projections; only the adapters train"
+        )
     cfg = model.config
     tok = Tokenizer.from_pretrained(source)
     proc = ImageProcessor.from_pretrained(source)
@@ -209,6 +262,8 @@ def run(a: TrainArgs) -> dict:
         gradient_accumulation_steps=a.gradient_accumulation_steps,
         freeze=tuple(a.freeze),
         seed=a.seed,
+        lora=bool(a.lora_rank),
+        remat=a.gradient_checkpointing,
     )
     trainer = Trainer(model, tcfg, mesh)
     existing = checkpoints(ckpt_dir)
@@ -382,8 +437,11 @@ def export(trainer: Trainer, output_dir: str, source: str) -> None:
     """The final model in HF layout, with tokenizer, processor and generation config, so that
     transformers' VisionEncoderDecoderModel.from_pretrained(output_dir) loads it."""
     from nnx_caption.hf import AUX_FILES
+    from nnx_caption.lora import merge_lora
 
-    save_pretrained(trainer.model, output_dir)
+    model = trainer.model
+    merge_lora(model)  # adapters become plain weights: the export is an ordinary checkpoint
+    save_pretrained(model, output_dir)
     for name in AUX_FILES:
         if os.path.exists(os.path.join(source, name)):
             shutil.copyfile(os.path.join(source, name), os.path.join(output_dir, name))
@@ -460,7 +518,8 @@ HELP = {
     "train_file": "csv / json / jsonl with image and caption columns, or an imagefolder",
     "validation_file": "as --train_file, for evaluation",
     "test_file": "as --train_file, for --do_predict",
-    "dataset_name": "HF datasets name (needs the optional `datasets` package)",
+    "dataset_name": "HF datasets name or builder, e.g. imagefolder with --data_dir (needs the "
+    "optional `datasets` package)",
     "dataset_config_name": "HF datasets config name",
     "data_dir": "folder image paths are relative to (default: the data file's folder)",
     "image_column": "column holding image paths",
@@ -498,7 +557,10 @@ HELP = {
     "mesh_fsdp": "FSDP mesh axis size",
     "mesh_tensor": "tensor-parallel mesh axis size",
     "freeze": "NNX path prefixes not to train, e.g. encoder",
-    "lora_rank": "LoRA adapters of this rank (not supported yet)",
+    "lora_rank": "train only LoRA adapters of this rank on the attention and MLP projections "
+    "(merged into the weights at export)",
+    "gradient_checkpointing": "remat: recompute each block's activations in the backward "
+    "pass instead of storing them (less memory, more compute)",
     "preprocessing_num_workers": "processes decoding images",
     "eval_limit_batches": "evaluate only the first N batches",
 }

@@ -10,7 +10,6 @@ gallery.html in the output folder.
 from __future__ import annotations
 
 import base64
-import csv
 import glob
 import html
 import io
@@ -28,11 +27,11 @@ from PIL import Image
 from tqdm import tqdm
 
 import nnx_caption as nc
+from nnx_caption.data import TABLE_SUFFIXES, read_table
 from nnx_caption.hf import resolve
 from nnx_caption.processing import _to_rgb
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-TABLE_EXTENSIONS = (".csv", ".jsonl", ".json")
 THUMBNAIL_SIZE = 224
 
 
@@ -45,44 +44,19 @@ class UsageError(Exception):
 
 def _read_table(path: str, column: str) -> list[str]:
     """Image paths from a csv / jsonl / json file, relative ones taken from the file's folder."""
-    try:
-        with open(path, encoding="utf-8", newline="") as f:
-            if path.lower().endswith(".csv"):
-                rows = list(csv.DictReader(f))
-            else:
-                text = f.read()
-                rows = _json_rows(text) if path.lower().endswith(".json") else _jsonl_rows(text)
-    except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise UsageError(f"{path}: cannot read: {err}") from None
-    if rows and (not isinstance(rows[0], dict) or column not in rows[0]):
-        columns = ", ".join(map(str, rows[0])) if isinstance(rows[0], dict) else "none"
+    columns, rows = read_table(path)
+    if column not in columns:
         raise UsageError(
-            f"{path}: no column {column!r} (columns: {columns}); choose one with --image-column"
+            f"{path}: no column {column!r} (columns: {', '.join(columns)}); "
+            "choose one with --image-column"
         )
     paths = []
-    for i, row in enumerate(rows, start=1):
-        value = row.get(column) if isinstance(row, dict) else None
+    for number, row in rows:
+        value = row.get(column)
         if not isinstance(value, str) or not value:
-            raise UsageError(f"{path}: row {i} has no image path in column {column!r}")
+            raise UsageError(f"{path}:{number}: no image path in column {column!r}")
         paths.append(os.path.join(os.path.dirname(path), value))
-    if not paths:
-        raise UsageError(f"{path}: no rows")
     return paths
-
-
-def _jsonl_rows(text: str) -> list[Any]:
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
-
-
-def _json_rows(text: str) -> list[Any]:
-    """As the `datasets` json loader reads: a list of records, a dict of columns, or JSON lines."""
-    try:
-        data = json.loads(text)
-    except ValueError:
-        return _jsonl_rows(text)
-    if isinstance(data, dict) and all(isinstance(v, list) for v in data.values()):
-        return [dict(zip(data, v, strict=True)) for v in zip(*data.values(), strict=True)]
-    return data if isinstance(data, list) else [data]
 
 
 def _expand(arg: str, column: str) -> list[str]:
@@ -96,7 +70,7 @@ def _expand(arg: str, column: str) -> list[str]:
             raise UsageError(f"{arg}: no images in this folder ({' '.join(IMAGE_EXTENSIONS)})")
         return sorted(found)
     if os.path.isfile(arg):
-        return _read_table(arg, column) if arg.lower().endswith(TABLE_EXTENSIONS) else [arg]
+        return _read_table(arg, column) if arg.lower().endswith(TABLE_SUFFIXES) else [arg]
     if os.path.lexists(arg):  # e.g. a broken link: let the reader report it as a skipped image
         return [arg]
     matches = sorted(glob.glob(arg, recursive=True))

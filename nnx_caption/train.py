@@ -41,6 +41,8 @@ class TrainConfig:
     max_grad_norm: float | None = None
     gradient_accumulation_steps: int = 1
     freeze: tuple[str, ...] = field(default_factory=tuple)  # NNX path prefixes, e.g. "encoder"
+    lora: bool = False  # train only the LoRA adapters (lora.add_lora), the rest stays frozen
+    remat: bool = False  # recompute each block's activations in the backward pass
     seed: int = 42
 
 
@@ -96,7 +98,8 @@ def trainable(cfg: TrainConfig) -> nnx.filterlib.Filter:
 
     def keep(path: tuple, value) -> bool:
         name = _path(path)
-        return isinstance(value, nnx.Param) and not any(
+        kind = nnx.LoRAParam if cfg.lora else nnx.Param
+        return isinstance(value, kind) and not any(
             name == p or name.startswith(p + ".") for p in frozen
         )
 
@@ -126,7 +129,6 @@ def _map_paths(fn: Callable, tree):
 # Step -----------------------------------------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4), donate_argnums=(1,))
 def _train_step(graphdef, state, batch, step, cfg: TrainConfig):
     model, optimizer = nnx.merge(graphdef, state)
     key = jax.random.fold_in(jax.random.key(cfg.seed), step)
@@ -182,9 +184,25 @@ class Trainer:
 
     def __init__(self, model: VisionEncoderDecoder, cfg: TrainConfig, mesh: Mesh | None = None):
         self.cfg, self.mesh = cfg, mesh
+        model.encoder.remat = model.decoder.remat = cfg.remat
         optimizer = make_optimizer(model, cfg)
         self.graphdef, self.state = nnx.split((model, optimizer))
         self.step = 0
+        # The new state keeps the old one's shardings (the rules'), whatever XLA would prefer;
+        # what the optimizer created off the mesh (its step count) is replicated on it.
+        shardings = None
+        if mesh is not None:
+            replicated = NamedSharding(mesh, PartitionSpec())
+            shardings = jax.tree.map(
+                lambda x: x.sharding if isinstance(x.sharding, NamedSharding) else replicated,
+                self.state,
+            )
+            self.state = jax.device_put(self.state, shardings)
+        self._step = jax.jit(
+            functools.partial(_train_step, self.graphdef, cfg=cfg),
+            donate_argnums=(0,),
+            out_shardings=(shardings, None) if mesh is not None else None,
+        )
         if mesh is not None:
             self.batch_sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
 
@@ -202,9 +220,7 @@ class Trainer:
 
     def train_step(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         with _mesh_context(self.mesh):
-            self.state, metrics = _train_step(
-                self.graphdef, self.state, self._put(batch), jnp.int32(self.step), self.cfg
-            )
+            self.state, metrics = self._step(self.state, self._put(batch), jnp.int32(self.step))
         self.step += 1
         return metrics
 

@@ -11,7 +11,15 @@ import numpy as np
 from flax import nnx
 
 from nnx_caption.config import ViTConfig
-from nnx_caption.layers import MLP, Dense, LayerNorm, attention, dropout, heads_first
+from nnx_caption.layers import (
+    MLP,
+    Dense,
+    LayerNorm,
+    attention,
+    call_block,
+    dropout,
+    heads_first,
+)
 from nnx_caption.sharding import constrain
 
 
@@ -129,6 +137,7 @@ class ViT(nnx.Module):
         self.ln_f = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, param_dtype=param_dtype)
         self.dropout_rate = cfg.hidden_dropout_prob
         self.dtype = dtype
+        self.remat = False  # set by training (TrainConfig.remat)
 
     def __call__(self, images: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
         """(B, H, W, C) normalised images -> (B, 1 + patches, hidden) last hidden state."""
@@ -137,5 +146,5 @@ class ViT(nnx.Module):
         x = dropout(self.embeddings(images), self.dropout_rate, rngs)
         x = constrain(x, ("batch", "seq", "act_embed"))
         for block in self.blocks:
-            x = block(x, rngs)
+            x = call_block(block, self.remat, x, rngs)
         return self.ln_f(x)

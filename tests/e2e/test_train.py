@@ -279,3 +279,51 @@ def test_help_documents_every_flag():
         "--dataset_config_name",
     ):
         assert flag in proc.stdout
+
+
+def test_lora_run_exports_plain_weights(setup, tmp_path):
+    out = tmp_path / "lora"
+    args = _train_args(setup, out)
+    args[args.index("--max_steps") + 1] = "4"
+    proc = cli(*args, "--lora_rank", "4")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "LoRA rank 4" in proc.stderr
+    merged, init = _params(out), _params(setup["init"])  # strict load: no adapter tensors left
+    assert set(merged) == set(init)
+    moved = [k for k in merged if not np.array_equal(merged[k], init[k])]
+    assert moved and all(k.endswith("kernel") for k in moved)  # only adapted kernels changed
+
+
+def test_hf_datasets_imagefolder(setup, tmp_path):
+    """--dataset_name imagefolder --data_dir: HF datasets' own builder (no download)."""
+    data_root = Path(setup["splits"]["train"]).parent
+    proc = cli(
+        "train",
+        "--output_dir",
+        str(tmp_path / "ds"),
+        "--model_name_or_path",
+        str(setup["init"]),
+        "--dataset_name",
+        "imagefolder",
+        "--data_dir",
+        str(data_root),
+        "--image_column",
+        "image",
+        "--caption_column",
+        "text",
+        "--do_train",
+        "--do_eval",
+        "--max_steps",
+        "2",
+        "--max_train_samples",
+        "64",
+        "--max_eval_samples",
+        "16",
+        "--per_device_train_batch_size",
+        "16",
+        "--max_target_length",
+        "16",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "train: 64 examples" in proc.stderr and "eval: 16 examples" in proc.stderr
+    assert json.loads((tmp_path / "ds" / "eval_results.json").read_text())["eval_loss"] > 0
