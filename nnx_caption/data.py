@@ -19,7 +19,7 @@ import os
 import queue
 import shutil
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -331,44 +331,105 @@ def normalise(images: np.ndarray, processor: ImageProcessor) -> np.ndarray:
     return x
 
 
-class ImageStore:
-    """Preprocessed images of a split, decoded once (in worker processes) and kept as uint8
-    (resized, before rescale/normalise) so memory stays 1 byte per value; batches normalise."""
+def _probe(path: str) -> None:
+    """Cheap checks before training (no decode): the file is there, non-empty, and PIL reads
+    its header (a decompression bomb is refused here). Truncated data shows up only when the
+    image is decoded."""
+    if os.path.getsize(path) == 0:
+        raise ValueError("empty file (0 bytes)")
+    with Image.open(path) as image:
+        image.size  # noqa: B018 - reading the header is the check
 
-    def __init__(self, paths: Sequence[str], processor: ImageProcessor, workers: int = 2) -> None:
-        self.processor = processor
+
+def _probe_chunk(paths: list[str], max_image_pixels: int | None) -> dict[int, str]:
+    Image.MAX_IMAGE_PIXELS = max_image_pixels
+    failed = {}
+    for i, path in enumerate(paths):
+        try:
+            _probe(path)
+        except Exception as e:  # this file's problem: report it, go on
+            failed[i] = _reason(e)
+    return failed
+
+
+class ImageStore:
+    """The images of a split, resized to the processor's size.
+
+    cached (the default): decoded once (in worker processes) and kept as uint8, 1 byte per
+    value, so later epochs decode nothing. Not cached (datasets larger than memory): only the
+    headers are checked up front and each batch is decoded when asked for (train_batches asks
+    ahead, in a background thread); an image that fails then comes back as zeros and is
+    reported in `late_failures`.
+    """
+
+    def __init__(
+        self, paths: Sequence[str], processor: ImageProcessor, workers: int = 2, cache: bool = True
+    ) -> None:
+        self.processor, self.cache, self.workers = processor, cache, workers
+        self._paths = list(paths)
         n = len(paths)
-        self._images = np.zeros((n, processor.height, processor.width, 3), np.uint8)
         self.reasons: dict[int, str] = {}
+        self.late_failures: list[tuple[str, str]] = []
+        self._pool = (
+            ProcessPoolExecutor(workers, mp_context=_process_context()) if workers > 1 else None
+        )
+        limit = Image.MAX_IMAGE_PIXELS
         # Chunks amortise the inter-process traffic; several per worker balance the load.
         size = max(1, min(256, -(-n // (max(workers, 1) * 4))))
         starts = range(0, n, size)
-        chunks = [list(paths[s : s + size]) for s in starts]
-        limit = Image.MAX_IMAGE_PIXELS
-        if workers > 1 and len(chunks) > 1:
-            with ProcessPoolExecutor(workers, mp_context=_process_context()) as pool:
-                results = pool.map(
-                    _decode_chunk, chunks, [processor] * len(chunks), [limit] * len(chunks)
-                )
-                self._collect(starts, results)
+        chunks = [self._paths[s : s + size] for s in starts]
+        if cache:
+            self._images = np.zeros((n, processor.height, processor.width, 3), np.uint8)
+            results = self._map(
+                _decode_chunk, chunks, [processor] * len(chunks), [limit] * len(chunks)
+            )
+            for start, (images, failed) in zip(starts, results, strict=True):
+                self._images[start : start + len(images)] = images
+                self.reasons.update({start + i: why for i, why in failed.items()})
+            self.close()  # everything is decoded: the workers are done
         else:
-            self._collect(starts, (_decode_chunk(c, processor, limit) for c in chunks))
+            for start, failed in zip(
+                starts, self._map(_probe_chunk, chunks, [limit] * len(chunks)), strict=True
+            ):
+                self.reasons.update({start + i: why for i, why in failed.items()})
         self.ok = np.ones(n, bool)
         self.ok[list(self.reasons)] = False
 
-    def _collect(
-        self, starts: Iterable[int], results: Iterable[tuple[np.ndarray, dict[int, str]]]
-    ) -> None:
-        for start, (images, failed) in zip(starts, results, strict=True):
-            self._images[start : start + len(images)] = images
-            self.reasons.update({start + i: why for i, why in failed.items()})
+    def _map(self, fn, *args):
+        if self._pool is not None and len(args[0]) > 1:
+            return self._pool.map(fn, *args)
+        return map(fn, *args)
 
     def __len__(self) -> int:
-        return len(self._images)
+        return len(self._paths)
 
     def pixels(self, indices: np.ndarray) -> np.ndarray:
         """float32 (n, H, W, 3), equal to the processor's output on the same files."""
-        return normalise(self._images[np.asarray(indices)], self.processor)
+        return self.pixels_and_failures(indices)[0]
+
+    def pixels_and_failures(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(pixels, failed): failed marks images that could not be decoded (zeros instead)."""
+        indices = np.asarray(indices)
+        if self.cache:
+            return normalise(self._images[indices], self.processor), np.zeros(len(indices), bool)
+        paths = [self._paths[i] for i in indices]
+        parts = max(1, min(self.workers, len(paths)))
+        chunks = [paths[k::parts] for k in range(parts)]  # strided: equal work per worker
+        images = np.zeros((len(paths), self.processor.height, self.processor.width, 3), np.uint8)
+        failed = np.zeros(len(paths), bool)
+        limit = Image.MAX_IMAGE_PIXELS
+        results = self._map(_decode_chunk, chunks, [self.processor] * parts, [limit] * parts)
+        for k, (decoded, bad) in enumerate(results):
+            images[k::parts] = decoded
+            for i, why in bad.items():
+                failed[k + i * parts] = True
+                self.late_failures.append((chunks[k][i], why))
+        return normalise(images, self.processor), failed
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -388,10 +449,13 @@ class CaptionDataset:
         decoder_start_token_id: int,
         pad_token_id: int,
         workers: int = 2,
+        cache_limit_bytes: float = 2 * 1024**3,
     ) -> None:
         # Each distinct image once: COCO-style tables repeat an image for each of its captions.
         unique = list(dict.fromkeys(e.image for e in split.examples))
-        store = ImageStore(unique, processor, workers)
+        # Cache the resized images when they fit in cache_limit_bytes, else decode per batch.
+        cache = len(unique) * processor.height * processor.width * 3 <= cache_limit_bytes
+        store = ImageStore(unique, processor, workers, cache=cache)
         slot = {path: i for i, path in enumerate(unique)}
         rows = [slot[e.image] for e in split.examples]
         failed = [
@@ -415,9 +479,17 @@ class CaptionDataset:
 
     def batch(self, indices: np.ndarray) -> dict[str, np.ndarray]:
         indices = np.asarray(indices)
-        out = {"pixel_values": self._images.pixels(self._rows[indices])}
+        pixels, failed = self._images.pixels_and_failures(self._rows[indices])
+        out = {"pixel_values": pixels}
         out.update({k: v[indices] for k, v in self._targets.items()})
+        if failed.any():  # an image that broke only now: its row stays, its loss does not count
+            out["decoder_attention_mask"] = out["decoder_attention_mask"] * ~failed[:, None]
         return out
+
+    @property
+    def late_failures(self) -> list[tuple[str, str]]:
+        """Images that passed the up-front check but failed to decode in a batch."""
+        return self._images.late_failures
 
     def steps_per_epoch(self, batch_size: int) -> int:
         return len(self) // batch_size  # the last partial batch is dropped

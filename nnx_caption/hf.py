@@ -28,7 +28,7 @@ from nnx_caption.safetensors_io import (
     SafetensorsReader,
     write_safetensors,
 )
-from nnx_caption.sharding import param_sharding
+from nnx_caption.sharding import param_sharding, place
 
 
 @dataclass(frozen=True)
@@ -320,12 +320,8 @@ def load_weights(
                     continue
                 if mesh is None:
                     var.set_value(jax.device_put(array))
-                else:  # each process places only its own shards: works across hosts too
-                    var.set_value(
-                        jax.make_array_from_callback(
-                            array.shape, param_sharding(var, mesh), lambda index: array[index]
-                        )
-                    )
+                else:
+                    var.set_value(place(array, param_sharding(var, mesh)))
                 source[path] = (file, key)
     missing = [p for p in params if p not in source]
     if missing:

@@ -81,6 +81,7 @@ class TrainArgs:
     lora_rank: int = 0
     gradient_checkpointing: bool = False
     preprocessing_num_workers: int = 2
+    image_cache_gb: float = 2.0
     eval_limit_batches: int | None = None
 
 
@@ -188,6 +189,7 @@ def _dataset(
         cfg.decoder_start_token_id,
         cfg.pad_token_id,
         workers=a.preprocessing_num_workers,
+        cache_limit_bytes=a.image_cache_gb * 1024**3,
     )
     skipped = ds.skipped
     if skipped:
@@ -360,6 +362,11 @@ def train_loop(
             trainer.save(ckpt_dir, {"seed": a.seed})
             prune_checkpoints(ckpt_dir, a.save_total_limit)
     bar.close()
+    if ds.late_failures:
+        _log(
+            f"{len(ds.late_failures)} images failed to decode during training and were left "
+            f"out of the loss; first: {ds.late_failures[0][0]}: {ds.late_failures[0][1]}"
+        )
     board.close()
     trainer.save(ckpt_dir, {"seed": a.seed})
     prune_checkpoints(ckpt_dir, a.save_total_limit)
@@ -561,6 +568,8 @@ HELP = {
     "(merged into the weights at export)",
     "gradient_checkpointing": "remat: recompute each block's activations in the backward "
     "pass instead of storing them (less memory, more compute)",
+    "image_cache_gb": "keep a split's resized images in memory when they fit in this many GiB "
+    "(decoded once); larger splits are decoded batch by batch",
     "preprocessing_num_workers": "processes decoding images",
     "eval_limit_batches": "evaluate only the first N batches",
 }

@@ -12,6 +12,7 @@ import math
 from collections.abc import Sequence
 
 import jax
+import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -84,6 +85,12 @@ def param_sharding(param: nnx.Variable, mesh: Mesh) -> NamedSharding:
         divides = dim % math.prod(mesh.shape[n] for n in names) == 0
         spec.append(entry if divides else None)
     return NamedSharding(mesh, PartitionSpec(*spec))
+
+
+def place(value: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
+    """A host array onto `sharding`, each process putting only its own shards, so the same
+    call serves one device, a mesh and a multi-host mesh."""
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
 
 
 def shard_model(model: nnx.Module, mesh: Mesh) -> nnx.Module:

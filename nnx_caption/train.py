@@ -24,6 +24,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from nnx_caption.model import VisionEncoderDecoder
 from nnx_caption.safetensors_io import SafetensorsReader, write_safetensors
+from nnx_caption.sharding import place
 
 
 @dataclass(frozen=True)
@@ -233,16 +234,22 @@ class Trainer:
     # Checkpoints ------------------------------------------------------------------------------
 
     def save(self, directory: str, extra: dict | None = None) -> str:
-        """Writes step_<N>/ atomically: the folder appears complete or not at all."""
+        """Writes step_<N>/ atomically: the folder appears complete or not at all. Every
+        process must call it (gathering a sharded array is collective); process 0 writes."""
         final = os.path.join(directory, f"step_{self.step:08d}")
+        flat = {_path(p): v for p, v in nnx.to_flat_state(self.state)}
+        if jax.process_count() > 1:  # gather each array once, in the same order everywhere
+            hosted = {name: _to_host(v[...]) for name, v in sorted(flat.items())}
+            if jax.process_index() != 0:
+                return final
+            specs = [(n, a.shape, a.dtype, lambda a=a: a) for n, a in hosted.items()]
+        else:  # one tensor on the host at a time
+            specs = [
+                (n, v.shape, v.dtype, lambda v=v: _to_host(v[...])) for n, v in sorted(flat.items())
+            ]
         tmp = f"{final}.tmp{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-        flat = {_path(p): v for p, v in nnx.to_flat_state(self.state)}
-        specs = [
-            (name, v.shape, v.dtype, lambda v=v: np.asarray(jax.device_get(v[...])))
-            for name, v in sorted(flat.items())
-        ]
         write_safetensors(os.path.join(tmp, "state.safetensors"), specs)
         meta = {"step": self.step, "train_config": asdict(self.cfg), **(extra or {})}
         with open(os.path.join(tmp, "meta.json"), "w", encoding="utf-8") as f:
@@ -255,20 +262,29 @@ class Trainer:
         return final
 
     def restore(self, checkpoint: str) -> dict:
-        """Loads a step_<N>/ folder into the current state (same shapes and shardings)."""
+        """Loads a step_<N>/ folder into the current state (same shapes and shardings); each
+        process places only its own shards."""
         flat = {_path(p): v for p, v in nnx.to_flat_state(self.state)}
         with SafetensorsReader(os.path.join(checkpoint, "state.safetensors")) as reader:
             missing = set(flat) - set(reader.entries)
             if missing:
                 raise ValueError(f"{checkpoint}: checkpoint lacks {sorted(missing)[:5]}")
             for name, var in flat.items():
-                value = reader.read(name)
                 old = var[...]
-                var[...] = jax.device_put(value.astype(old.dtype), old.sharding)
+                value = reader.read(name).astype(old.dtype)
+                var[...] = place(value, old.sharding)
         with open(os.path.join(checkpoint, "meta.json"), encoding="utf-8") as f:
             meta = json.load(f)
         self.step = int(meta["step"])
         return meta
+
+
+def _to_host(x: jax.Array) -> np.ndarray:
+    if not x.is_fully_addressable:  # sharded across processes: gather it
+        from jax.experimental import multihost_utils
+
+        x = multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(jax.device_get(x))
 
 
 def checkpoints(directory: str) -> list[str]:

@@ -285,7 +285,8 @@ def test_lora_run_exports_plain_weights(setup, tmp_path):
     out = tmp_path / "lora"
     args = _train_args(setup, out)
     args[args.index("--max_steps") + 1] = "4"
-    proc = cli(*args, "--lora_rank", "4")
+    # Also the uncached image path: every batch decoded on demand by worker processes.
+    proc = cli(*args, "--lora_rank", "4", "--image_cache_gb", "0")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "LoRA rank 4" in proc.stderr
     merged, init = _params(out), _params(setup["init"])  # strict load: no adapter tensors left

@@ -320,3 +320,43 @@ def test_eval_batches_cover_everything_once_padding_the_last(tmp_path, tokenizer
     expected = [np.arange(4), np.arange(4, 8), np.array([8, 9, 9, 9])]
     for (batch, _), indices in zip(batches, expected, strict=True):
         assert _same([(0, batch)], [(0, ds.batch(indices))])
+
+
+def test_uncached_images_decode_per_batch_and_mask_late_failures(tmp_path):
+    """Datasets larger than the cache limit decode each batch on demand: the same batches
+    as the cached store; an image that passes the header check but is truncated is masked
+    out of the loss when its batch comes, and reported."""
+    from PIL import Image as PILImage
+
+    from nnx_caption.data import CaptionDataset, Example, Split, train_caption_tokenizer
+    from nnx_caption.processing import ImageProcessor, Tokenizer
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(6):
+        path = tmp_path / f"img{i}.png"
+        PILImage.fromarray(rng.integers(0, 255, (20, 24, 3), np.uint8)).save(path)
+        paths.append(str(path))
+    good = (tmp_path / "img5.png").read_bytes()
+    (tmp_path / "img5.png").write_bytes(good[: len(good) // 2])  # header fine, data cut
+    captions = [f"a shape number {i}" for i in range(6)]
+    train_caption_tokenizer(captions, str(tmp_path / "tok"))
+    tok = Tokenizer.from_pretrained(tmp_path / "tok")
+    proc = ImageProcessor(size=16)
+    split = Split([Example(p, c) for p, c in zip(paths, captions, strict=True)], [])
+    kw = dict(
+        max_target_length=8,
+        decoder_start_token_id=tok.eos_token_id,
+        pad_token_id=tok.eos_token_id,
+        workers=1,
+    )
+    cached = CaptionDataset(split, proc, tok, **kw)
+    lazy = CaptionDataset(split, proc, tok, cache_limit_bytes=0, **kw)
+    assert len(cached) == 5 and len(lazy) == 6  # the cache decodes up front and drops img5
+    idx = np.arange(5)
+    a, b = cached.batch(idx), lazy.batch(idx)
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    last = lazy.batch(np.array([5, 0]))
+    assert last["decoder_attention_mask"][0].sum() == 0 and last["decoder_attention_mask"][1].sum()
+    assert lazy.late_failures and lazy.late_failures[0][0].endswith("img5.png")

@@ -50,6 +50,19 @@ def main() -> None:
         rows = len(batch["labels"]) // processes  # this process's share of the global batch
         local = {k: v[process * rows : (process + 1) * rows] for k, v in batch.items()}
         losses.append(float(trainer.train_step(local)["loss"].addressable_data(0)))
+    # A checkpoint written by the two processes restores into a fresh trainer exactly.
+    saved = trainer.save(os.path.join(os.path.dirname(out), f"ckpt_{processes}"))
+    if multihost:
+        multihost_utils.sync_global_devices("checkpoint written")
+    again = Trainer(nc.from_pretrained(checkpoint, mesh=mesh), CFG, mesh)
+    again.restore(saved)
+    for (_, a), (_, b) in zip(
+        nnx.to_flat_state(again.state), nnx.to_flat_state(trainer.state), strict=True
+    ):
+        assert np.array_equal(
+            multihost_utils.process_allgather(a[...], tiled=True),
+            multihost_utils.process_allgather(b[...], tiled=True),
+        )
     params = {
         ".".join(map(str, p)): np.asarray(multihost_utils.process_allgather(v[...], tiled=True))
         for p, v in nnx.to_flat_state(nnx.state(trainer.model, nnx.Param))
