@@ -19,6 +19,7 @@ import numpy as np
 from flax import nnx
 
 from nnx_caption.model import VisionEncoderDecoder
+from nnx_caption.sharding import place, scalar, to_host
 
 NEG = -1.0e9  # transformers' "never pick this" score offset in beam search
 
@@ -131,9 +132,11 @@ def generate(
         from jax.sharding import NamedSharding, PartitionSpec
 
         with jax.set_mesh(mesh):
-            pixels = jax.device_put(pixels, NamedSharding(mesh, PartitionSpec(("data", "fsdp"))))
+            batch = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+            pixels = place(np.asarray(pixels), batch)  # also across hosts
             tokens, scores, length = _search(graphdef, state, pixels, key, knobs, search)
-    return GenerateOutput(np.asarray(tokens)[:, : int(length)], np.asarray(scores))
+    tokens, scores = to_host(tokens), to_host(scores)  # gathered from every process
+    return GenerateOutput(tokens[:, : int(scalar(length))], scores)
 
 
 def _validate(

@@ -395,11 +395,11 @@ def evaluate_split(
         real = {k: v[:n_real] for k, v in batch.items()}
         if n_real == batch_size:
             t, c = trainer.eval_loss(real)
-            total, count = total + float(t), count + float(c)
+            total, count = total + t, count + c
         elif n_real:  # the padded last batch: its padding rows must not count
             t, c = trainer.eval_loss(batch)
             t_pad, c_pad = trainer.eval_loss({k: v[n_real:] for k, v in batch.items()})
-            total, count = total + float(t - t_pad), count + float(c - c_pad)
+            total, count = total + t - t_pad, count + c - c_pad
         if a.predict_with_generate:
             out = generate(
                 model,

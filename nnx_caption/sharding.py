@@ -93,6 +93,19 @@ def place(value: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
     return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
 
 
+def scalar(x: jax.Array) -> float:
+    """A replicated scalar's value, also when it spans other processes' devices."""
+    return float(np.asarray(x.addressable_data(0)))
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    if not x.is_fully_addressable:  # sharded across processes: gather it
+        from jax.experimental import multihost_utils
+
+        x = multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(jax.device_get(x))
+
+
 def shard_model(model: nnx.Module, mesh: Mesh) -> nnx.Module:
     """Places every parameter of `model` on `mesh` by its logical axes, in place."""
     for _, var in nnx.iter_graph(model):

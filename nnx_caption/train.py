@@ -24,7 +24,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from nnx_caption.model import VisionEncoderDecoder
 from nnx_caption.safetensors_io import SafetensorsReader, write_safetensors
-from nnx_caption.sharding import place
+from nnx_caption.sharding import place, scalar, to_host
 
 
 @dataclass(frozen=True)
@@ -212,10 +212,15 @@ class Trainer:
         return nnx.merge(self.graphdef, self.state)[0]
 
     def _put(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        """The global batch onto the mesh; in a multi-host run every process holds the whole
+        batch (the data order is a function of the seed) and contributes its own rows."""
         if self.mesh is None:
             return {k: jnp.asarray(v) for k, v in batch.items()}
+        index, count = jax.process_index(), jax.process_count()
         return {
-            k: jax.make_array_from_process_local_data(self.batch_sharding, v)
+            k: jax.make_array_from_process_local_data(
+                self.batch_sharding, np.array_split(v, count)[index], v.shape
+            )
             for k, v in batch.items()
         }
 
@@ -225,11 +230,13 @@ class Trainer:
         self.step += 1
         return metrics
 
-    def eval_loss(self, batch: dict[str, np.ndarray]) -> tuple[jax.Array, jax.Array]:
+    def eval_loss(self, batch: dict[str, np.ndarray]) -> tuple[float, float]:
+        """(summed loss, real tokens) of one batch."""
         with _mesh_context(self.mesh):
-            return _eval_step(
+            total, count = _eval_step(
                 self.graphdef, self.state, self._put(batch), self.cfg.label_smoothing_factor
             )
+        return scalar(total), scalar(count)
 
     # Checkpoints ------------------------------------------------------------------------------
 
@@ -239,13 +246,13 @@ class Trainer:
         final = os.path.join(directory, f"step_{self.step:08d}")
         flat = {_path(p): v for p, v in nnx.to_flat_state(self.state)}
         if jax.process_count() > 1:  # gather each array once, in the same order everywhere
-            hosted = {name: _to_host(v[...]) for name, v in sorted(flat.items())}
+            hosted = {name: to_host(v[...]) for name, v in sorted(flat.items())}
             if jax.process_index() != 0:
                 return final
             specs = [(n, a.shape, a.dtype, lambda a=a: a) for n, a in hosted.items()]
         else:  # one tensor on the host at a time
             specs = [
-                (n, v.shape, v.dtype, lambda v=v: _to_host(v[...])) for n, v in sorted(flat.items())
+                (n, v.shape, v.dtype, lambda v=v: to_host(v[...])) for n, v in sorted(flat.items())
             ]
         tmp = f"{final}.tmp{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -277,14 +284,6 @@ class Trainer:
             meta = json.load(f)
         self.step = int(meta["step"])
         return meta
-
-
-def _to_host(x: jax.Array) -> np.ndarray:
-    if not x.is_fully_addressable:  # sharded across processes: gather it
-        from jax.experimental import multihost_utils
-
-        x = multihost_utils.process_allgather(x, tiled=True)
-    return np.asarray(jax.device_get(x))
 
 
 def checkpoints(directory: str) -> list[str]:

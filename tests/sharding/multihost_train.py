@@ -23,7 +23,7 @@ from jax.experimental import multihost_utils  # noqa: E402
 from reference import random_train_batches  # noqa: E402
 
 import nnx_caption as nc  # noqa: E402
-from nnx_caption.sharding import make_mesh  # noqa: E402
+from nnx_caption.sharding import make_mesh, scalar  # noqa: E402
 from nnx_caption.train import TrainConfig, Trainer  # noqa: E402
 
 CFG = TrainConfig(
@@ -45,11 +45,13 @@ def main() -> None:
         mesh = make_mesh(data=4)
     model = nc.from_pretrained(checkpoint, mesh=mesh)
     trainer = Trainer(model, CFG, mesh)
-    losses = []
-    for batch in random_train_batches(model.config.decoder.vocab_size):
-        rows = len(batch["labels"]) // processes  # this process's share of the global batch
-        local = {k: v[process * rows : (process + 1) * rows] for k, v in batch.items()}
-        losses.append(float(trainer.train_step(local)["loss"].addressable_data(0)))
+    # Every process holds the whole global batch; the trainer feeds each one's own rows.
+    batches = random_train_batches(model.config.decoder.vocab_size, steps=4)
+    losses = [scalar(trainer.train_step(b)["loss"]) for b in batches[:3]]
+    eval_total, eval_count = trainer.eval_loss(batches[3])
+    generated = nc.generate(
+        trainer.model, batches[3]["pixel_values"], max_length=6, num_beams=2, mesh=mesh
+    )
     # A checkpoint written by the two processes restores into a fresh trainer exactly.
     saved = trainer.save(os.path.join(os.path.dirname(out), f"ckpt_{processes}"))
     if multihost:
@@ -68,7 +70,14 @@ def main() -> None:
         for p, v in nnx.to_flat_state(nnx.state(trainer.model, nnx.Param))
     }
     if process == 0:
-        np.savez(out, losses=np.array(losses), **params)
+        np.savez(
+            out,
+            losses=np.array(losses),
+            eval=np.array([eval_total, eval_count]),
+            sequences=generated.sequences,
+            beam_scores=generated.scores,
+            **params,
+        )
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""Two processes with jax.distributed (gloo, 2 CPU devices each): the same losses and
-parameters as one process on one device."""
+"""Two processes with jax.distributed (gloo, 2 CPU devices each): the same losses, parameters,
+checkpoint, evaluation loss and generated captions as one process on one device."""
 
 from __future__ import annotations
 
@@ -48,5 +48,7 @@ def test_two_processes_equal_one(tmp_path):
         assert p.returncode == 0, err[-3000:]
     one, two = np.load(tmp_path / "one.npz"), np.load(tmp_path / "two.npz")
     np.testing.assert_allclose(two["losses"], one["losses"], atol=1e-5)
+    np.testing.assert_array_equal(two["sequences"], one["sequences"])  # generate over hosts
     for name in one.files:
-        np.testing.assert_allclose(two[name], one[name], atol=1e-5, err_msg=name)
+        if name != "sequences":
+            np.testing.assert_allclose(two[name], one[name], atol=1e-5, err_msg=name)
