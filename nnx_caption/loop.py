@@ -392,14 +392,12 @@ def evaluate_split(
     for i, (batch, n_real) in enumerate(data_lib.eval_batches(ds, batch_size)):
         if a.eval_limit_batches and i >= a.eval_limit_batches:
             break
-        real = {k: v[:n_real] for k, v in batch.items()}
-        if n_real == batch_size:
-            t, c = trainer.eval_loss(real)
-            total, count = total + t, count + c
-        elif n_real:  # the padded last batch: its padding rows must not count
-            t, c = trainer.eval_loss(batch)
-            t_pad, c_pad = trainer.eval_loss({k: v[n_real:] for k, v in batch.items()})
-            total, count = total + t - t_pad, count + c - c_pad
+        # The last batch is padded to the compiled shape: its padding rows carry no tokens.
+        real_rows = (np.arange(len(batch["labels"])) < n_real)[:, None]
+        t, c = trainer.eval_loss(
+            dict(batch, decoder_attention_mask=batch["decoder_attention_mask"] * real_rows)
+        )
+        total, count = total + t, count + c
         if a.predict_with_generate:
             out = generate(
                 model,

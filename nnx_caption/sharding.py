@@ -104,12 +104,3 @@ def to_host(x: jax.Array) -> np.ndarray:
 
         x = multihost_utils.process_allgather(x, tiled=True)
     return np.asarray(jax.device_get(x))
-
-
-def shard_model(model: nnx.Module, mesh: Mesh) -> nnx.Module:
-    """Places every parameter of `model` on `mesh` by its logical axes, in place."""
-    for _, var in nnx.iter_graph(model):
-        if isinstance(var, nnx.Param):
-            sharding = param_sharding(var, mesh)
-            var[...] = jax.device_put(var[...], sharding)
-    return model
