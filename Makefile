@@ -32,9 +32,12 @@ test: lint
 test-fast test-parity test-sharding test-e2e: setup
 	$(VENV)/bin/pytest tests/$(subst test-,,$@) -q
 
+# Also creates benchmarks/.venv-hf-flax (transformers 4.57's Flax models, a peer) on first use.
 bench: setup
 	$(PY) benchmarks/load_memory.py
 	$(PY) benchmarks/decode.py
+	$(PY) benchmarks/train_step.py
+	$(PY) benchmarks/scaling.py
 
 demo: setup
 	$(VENV)/bin/nnx-caption demo

@@ -3,6 +3,7 @@ and RESULTS.md sections."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import re
@@ -54,6 +55,48 @@ def ensure_checkpoint(directory: Path = DEFAULT_CHECKPOINT) -> Path:
     return directory
 
 
+HF_FLAX_PYTHON = HERE / ".venv-hf-flax" / "bin" / "python"
+HF_FLAX_SETUP = HERE / "peers" / "setup_hf_flax.sh"
+
+
+def write_inputs(name: str, arrays: dict) -> Path:
+    """The inputs every peer reads, in benchmarks/.cache/inputs_{name}.npz."""
+    import numpy as np
+
+    path = HERE / ".cache" / f"inputs_{name}.npz"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, **arrays)
+    return path
+
+
+def run_worker(argv: list[str], python: Path | str = sys.executable) -> dict | None:
+    """Runs one benchmark peer in a fresh process (its own peak memory, no thread pools
+    shared with another peer) and returns the JSON it prints last; None when it fails."""
+    proc = subprocess.run(
+        [str(python), *map(str, argv)], stdout=subprocess.PIPE, text=True, cwd=HERE.parent
+    )
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        print(f"peer failed (exit {proc.returncode}): {' '.join(map(str, argv))}", flush=True)
+        return None
+    return json.loads(lines[-1])
+
+
+def run_hf_flax(task: str, checkpoint: Path, inputs: Path, **options) -> dict | None:
+    """HF's FlaxVisionEncoderDecoderModel (peers/hf_flax.py) in its own virtual environment,
+    created by peers/setup_hf_flax.sh the first time (transformers 4.57 from PyPI)."""
+    if not HF_FLAX_PYTHON.exists():
+        print("setting up the HF Flax peer (benchmarks/peers/setup_hf_flax.sh) ...", flush=True)
+        if subprocess.run(["bash", str(HF_FLAX_SETUP)]).returncode != 0:
+            print("HF Flax peer unavailable: its setup failed; skipped", flush=True)
+            return None
+    argv = [HERE / "peers" / "hf_flax.py", "--task", task]
+    argv += ["--checkpoint", checkpoint, "--inputs", inputs]
+    for key, value in options.items():
+        argv += [f"--{key.replace('_', '-')}", value]
+    return run_worker(argv, HF_FLAX_PYTHON)
+
+
 def machine() -> dict[str, str]:
     cpu = "unknown"
     with open("/proc/cpuinfo") as f:
@@ -89,12 +132,38 @@ def matmul_peak(dtype: str = "float32", n: int = 2048, repeats: int = 10) -> flo
     return 2 * n**3 / best
 
 
+# Vendor peak dense FLOP/s per chip, for MFU off CPU: bf16 (tensor cores / MXU) and float32 as
+# XLA runs float32 matmuls there by default (TF32 on NVIDIA GPUs, bf16 passes on TPU).
+VENDOR_PEAKS = {
+    "H200": {"bfloat16": 989e12, "float32": 494e12},
+    "H100": {"bfloat16": 989e12, "float32": 494e12},  # SXM
+    "A100": {"bfloat16": 312e12, "float32": 156e12},
+    "TPU v4": {"bfloat16": 275e12, "float32": 275e12},
+    "TPU v5 lite": {"bfloat16": 197e12, "float32": 197e12},  # v5e
+    "TPU v5p": {"bfloat16": 459e12, "float32": 459e12},
+    "TPU v6": {"bfloat16": 918e12, "float32": 918e12},  # Trillium
+}
+
+
+def peak_flops(dtype: str) -> tuple[float, str]:
+    """(peak FLOP/s of one device for `dtype` matmuls, where the figure comes from): the
+    vendor's figure on a known accelerator, else the matmul peak measured here."""
+    import jax
+
+    kind = jax.devices()[0].device_kind
+    for name, peaks in VENDOR_PEAKS.items():
+        if name.lower() in kind.lower():
+            return peaks[dtype], f"{kind} vendor peak"
+    return matmul_peak(dtype), f"measured {dtype} matmul peak ({kind})"
+
+
 def update_results_md(title: str, section: str) -> None:
     """Replaces the "## {title}" section of RESULTS.md (up to the next "## "), keeping the rest."""
     text = RESULTS_MD.read_text() if RESULTS_MD.exists() else "# Benchmark results\n"
+    section = section.rstrip("\n") + "\n\n"  # a blank line before the next section
     pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
     if pattern.search(text):
         text = pattern.sub(lambda _: section, text)
     else:
         text = text.rstrip("\n") + "\n\n" + section
-    RESULTS_MD.write_text(text)
+    RESULTS_MD.write_text(text.rstrip("\n") + "\n")

@@ -477,22 +477,49 @@ class CaptionDataset:
     def __len__(self) -> int:
         return len(self.examples)
 
-    def batch(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+    def batch(self, indices: np.ndarray, captions_per_image: int = 1) -> dict[str, np.ndarray]:
+        """The examples at `indices`. With captions_per_image k, indices come image-major in
+        groups of k sharing one image, and pixel_values holds each image once (len / k rows):
+        the model encodes it once and its captions share it (see image_groups)."""
         indices = np.asarray(indices)
-        pixels, failed = self._images.pixels_and_failures(self._rows[indices])
+        pixels, failed = self._images.pixels_and_failures(self._rows[indices[::captions_per_image]])
+        failed = np.repeat(failed, captions_per_image)
         out = {"pixel_values": pixels}
         out.update({k: v[indices] for k, v in self._targets.items()})
         if failed.any():  # an image that broke only now: its row stays, its loss does not count
             out["decoder_attention_mask"] = out["decoder_attention_mask"] * ~failed[:, None]
         return out
 
+    def image_groups(self, k: int, seed: int, epoch: int) -> np.ndarray:
+        """One epoch as (images, k) example indices: every image once, in random order, with
+        k of its captions (a random k when it has more, some repeated when it has fewer). A
+        function of (seed, epoch) only, like epoch_order."""
+        rng = np.random.default_rng([seed, epoch, k])
+        by_image = np.argsort(self._rows, kind="stable")
+        starts = np.searchsorted(self._rows[by_image], np.unique(self._rows))
+        groups = np.split(by_image, starts[1:])
+        picks = [
+            rng.permutation(g)[:k] if len(g) >= k else rng.choice(g, k, replace=True)
+            for g in groups
+        ]
+        return np.stack([picks[i] for i in rng.permutation(len(picks))])
+
+    @property
+    def images(self) -> int:
+        """Distinct images (after skipping those that failed to decode)."""
+        return len(np.unique(self._rows))
+
     @property
     def late_failures(self) -> list[tuple[str, str]]:
         """Images that passed the up-front check but failed to decode in a batch."""
         return self._images.late_failures
 
-    def steps_per_epoch(self, batch_size: int) -> int:
-        return len(self) // batch_size  # the last partial batch is dropped
+    def steps_per_epoch(self, batch_size: int, captions_per_image: int = 1) -> int:
+        """Full batches in an epoch (the last partial batch is dropped): of examples, or with
+        captions_per_image k, of batch_size / k images."""
+        if captions_per_image > 1:
+            return self.images // (batch_size // captions_per_image)
+        return len(self) // batch_size
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
@@ -546,22 +573,39 @@ def _prefetch(items: Iterator[T], ahead: int) -> Iterator[T]:
 
 
 def train_batches(
-    ds: CaptionDataset, batch_size: int, seed: int, start_step: int = 0, prefetch: int = 2
+    ds: CaptionDataset,
+    batch_size: int,
+    seed: int,
+    start_step: int = 0,
+    prefetch: int = 2,
+    captions_per_image: int = 1,
 ) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
     """(global step, batch) forever from `start_step`, the same batches whether or not the run
-    was interrupted: step s is batch s % steps_per_epoch of epoch s // steps_per_epoch."""
-    steps = ds.steps_per_epoch(batch_size) if batch_size > 0 else 0
+    was interrupted: step s is batch s % steps_per_epoch of epoch s // steps_per_epoch.
+
+    captions_per_image 1 (HF's script): an epoch is every example once, each row its own
+    image. k > 1: an epoch is every image once with k of its captions (ds.image_groups), each
+    batch batch_size / k images encoded once for their k captions."""
+    k = captions_per_image
+    if k < 1 or batch_size % k:
+        raise DataError(f"a batch of {batch_size} does not split into groups of {k} captions")
+    steps = ds.steps_per_epoch(batch_size, k) if batch_size > 0 else 0
     if steps == 0:
-        raise DataError(f"{len(ds)} examples do not fill one batch of {batch_size}")
+        what = f"{ds.images} images" if k > 1 else f"{len(ds)} examples"
+        raise DataError(f"{what} do not fill one batch of {batch_size // k}")
 
     def batches() -> Iterator[tuple[int, dict[str, np.ndarray]]]:
         step, epoch, order = start_step, None, None
         while True:
             if step // steps != epoch:
                 epoch = step // steps
-                order = epoch_order(len(ds), seed, epoch)
+                order = (
+                    ds.image_groups(k, seed, epoch).reshape(-1)
+                    if k > 1
+                    else epoch_order(len(ds), seed, epoch)
+                )
             position = (step % steps) * batch_size
-            yield step, ds.batch(order[position : position + batch_size])
+            yield step, ds.batch(order[position : position + batch_size], k)
             step += 1
 
     return _prefetch(batches(), prefetch)

@@ -41,18 +41,20 @@ def decoder(cfg: CaptionConfig, rows: int, new: int, keys: int, image_tokens: in
     return rows * new * per_token
 
 
-def forward(cfg: CaptionConfig, batch: int, seq: int) -> float:
-    """A training-style forward: encoder, cross K/V and a causal decoder pass of `seq` tokens
-    (causal attention counted as the full square, as it is computed)."""
+def forward(cfg: CaptionConfig, batch: int, seq: int, images: int | None = None) -> float:
+    """A training-style forward of `batch` captions of `seq` tokens: encoder, cross K/V and a
+    causal decoder pass (causal attention counted as the full square, as it is computed).
+    `images` (default: batch) is how many images the captions describe, each encoded once."""
     tokens = (cfg.encoder.image_size // cfg.encoder.patch_size) ** 2 + 1
+    images = batch if images is None else images
     return (
-        encoder(cfg, batch) + cross_kv(cfg, batch, tokens) + decoder(cfg, batch, seq, seq, tokens)
+        encoder(cfg, images) + cross_kv(cfg, images, tokens) + decoder(cfg, batch, seq, seq, tokens)
     )
 
 
-def train_step(cfg: CaptionConfig, batch: int, seq: int) -> float:
+def train_step(cfg: CaptionConfig, batch: int, seq: int, images: int | None = None) -> float:
     """Forward + backward (twice the forward's FLOPs)."""
-    return 3 * forward(cfg, batch, seq)
+    return 3 * forward(cfg, batch, seq, images)
 
 
 def generate(

@@ -14,11 +14,13 @@ from nnx_caption.config import GPT2Config
 from nnx_caption.layers import (
     MLP,
     Dense,
+    Execution,
     LayerNorm,
     attention,
-    call_block,
+    contract,
     dropout,
     heads_first,
+    run_blocks,
 )
 from nnx_caption.sharding import constrain
 
@@ -153,7 +155,7 @@ class GPT2(nnx.Module):
             else Dense(e, cfg.vocab_size, ("embed", "vocab"), use_bias=False, **kw)
         )
         self.dtype = dtype
-        self.remat = False  # set by training (TrainConfig.remat)
+        self.execution = Execution()  # scan / remat, set by training (TrainConfig)
 
     @property
     def compute_dtype(self) -> jnp.dtype:
@@ -182,10 +184,10 @@ class GPT2(nnx.Module):
     ) -> jax.Array | tuple[jax.Array, list[KV]]:
         """ids (N, T) -> logits (N, T, vocab).
 
-        Training and scoring pass `image` (N, S, n_embd) encoder states and `mask` (N, T),
-        1 for real tokens. Decoding passes `cross_kv` (from `cross_kv(image)`, one per image)
-        and `cache` (from `init_cache`), ids being the tokens at positions start..; it then
-        returns (logits, updated cache).
+        Training and scoring pass `image` (images, S, n_embd) encoder states, N / images rows
+        per image (image-major), and `mask` (N, T), 1 for real tokens. Decoding passes
+        `cross_kv` (from `cross_kv(image)`, one per image) and `cache` (from `init_cache`),
+        ids being the tokens at positions start..; it then returns (logits, updated cache).
         """
         t = ids.shape[1]
         positions = start + jnp.arange(t)
@@ -199,19 +201,29 @@ class GPT2(nnx.Module):
         attend = (jnp.arange(keys)[None, :] <= positions[:, None])[None, None]  # causal
         if mask is not None:
             attend = attend & mask.astype(bool)[:, None, None, :]
-        if cross_kv is None:
-            cross_kv = self.cross_kv(image)
-        new_cache = []
-        for i, block in enumerate(self.blocks):
-            layer_cache = None if cache is None else cache[i]
-            x, layer_cache = call_block(
-                block, self.remat, x, cross_kv[i], attend, rngs, layer_cache, start
-            )
-            new_cache.append(layer_cache)
+        if cache is None:  # training / scoring: every position at once
+            image = None if image is None else image.astype(self.compute_dtype)
+
+            def layer(block: GPT2Block, x: jax.Array, kv: KV | None, rngs) -> jax.Array:
+                kv = block.cross.image_kv(image) if kv is None else kv
+                return block(x, kv, attend, rngs)[0]
+
+            x = run_blocks(self.blocks, layer, x, rngs, self.execution, cross_kv)
+        else:  # decoding: the tokens at positions start.., against the cache
+            if cross_kv is None:
+                cross_kv = self.cross_kv(image)
+            new_cache = []
+            for block, kv, layer_cache in zip(self.blocks, cross_kv, cache, strict=True):
+                x, layer_cache = block(x, kv, attend, rngs, layer_cache, start)
+                new_cache.append(layer_cache)
         x = self.ln_f(x)
+        # Logits come out in float32 whatever the compute dtype: the loss and the search's
+        # log-softmax want them there, and the matmul accumulates in float32 anyway.
         if self.lm_head is not None:
-            logits = self.lm_head(x)
+            logits = contract(x, self.lm_head.kernel[...], 1, x.dtype)
         else:  # tied: the embedding table is the output projection
-            logits = jnp.einsum("bte,ve->btv", x, wte.astype(x.dtype))
+            logits = jnp.einsum(
+                "bte,ve->btv", x, wte.astype(x.dtype), preferred_element_type=jnp.float32
+            )
         logits = constrain(logits, ("batch", "seq", "act_vocab"))
         return logits if cache is None else (logits, new_cache)

@@ -7,8 +7,11 @@ sharding.py). Kernels keep their head structure, (embed, heads, head_dim) rather
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -52,6 +55,43 @@ def _tuple(shape: Shape) -> tuple[int, ...]:
     return (shape,) if isinstance(shape, int) else tuple(shape)
 
 
+def contract(x: jax.Array, kernel: jax.Array, n_in: int, dtype: jnp.dtype) -> jax.Array:
+    """x . kernel over x's last n_in dims and kernel's first n_in, multiplied in `dtype` and
+    accumulated in float32; returns float32.
+
+    Written out with its own backward pass so that the backward matmuls, too, take `dtype`
+    inputs: autodiff would pair the float32 cotangent with the `dtype` operand and run them in
+    float32, at half bf16's speed. The kernel's gradient comes out in the kernel's own dtype
+    (float32 master weights keep float32 gradients)."""
+    return _contract(x, kernel, n_in, jnp.dtype(dtype))
+
+
+def _dot(a: jax.Array, b: jax.Array, axes) -> jax.Array:
+    return jnp.tensordot(a, b, axes=axes, preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _contract(x, kernel, n_in, dtype):
+    return _dot(x.astype(dtype), kernel.astype(dtype), n_in)
+
+
+def _contract_fwd(x, kernel, n_in, dtype):
+    return _contract(x, kernel, n_in, dtype), (x, kernel)
+
+
+def _contract_bwd(n_in, dtype, residuals, g):
+    x, kernel = residuals
+    g, xc, kc = g.astype(dtype), x.astype(dtype), kernel.astype(dtype)
+    n_out, n_batch = kernel.ndim - n_in, x.ndim - n_in
+    out_g, out_k = range(g.ndim - n_out, g.ndim), range(n_in, kernel.ndim)
+    dx = _dot(g, kc, (list(out_g), list(out_k)))  # (*batch, *in)
+    dk = _dot(xc, g, (list(range(n_batch)), list(range(n_batch))))  # (*in, *out)
+    return dx.astype(x.dtype), dk.astype(kernel.dtype)
+
+
+_contract.defvjp(_contract_fwd, _contract_bwd)
+
+
 class Dense(nnx.Module):
     """y = x . kernel + bias, contracting the last len(in_shape) dims of x.
 
@@ -86,11 +126,11 @@ class Dense(nnx.Module):
         self.lora: nnx.Module | None = nnx.data(None)  # low-rank adapter, see lora.py
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = self.kernel[...]
         dtype = self.dtype or x.dtype
-        y = jnp.tensordot(x.astype(dtype), kernel.astype(dtype), axes=self.n_in)
+        y = contract(x, self.kernel[...], self.n_in, dtype)
         if self.bias is not None:
-            y = y + self.bias[...].astype(dtype)
+            y = y + self.bias[...]
+        y = y.astype(dtype)
         if self.lora is not None:
             y = y + self.lora(x.astype(dtype), self.n_in).reshape(y.shape)
         return y
@@ -143,13 +183,15 @@ def attention(
         q, k = q.astype(jnp.float32), k.astype(jnp.float32)
     # Every einsum here maps onto a plain batched matmul over (B, H): XLA CPU runs a fused
     # transpose of a dot's output (e.g. "bhts,bhsd->bthd") ten times slower than the dot.
-    scores = jnp.einsum("bhtd,bhsd->bhts", heads_first(q), k) * scale
+    f32 = jnp.float32  # products accumulate in float32 whatever the inputs' dtype
+    scores = jnp.einsum("bhtd,bhsd->bhts", heads_first(q), k, preferred_element_type=f32) * scale
     scores = constrain(scores, ("batch", "act_heads", "seq", None))
     if mask is not None:
         scores = jnp.where(mask, scores, jnp.finfo(scores.dtype).min)
-    probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(v.dtype)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     probs = dropout(probs, dropout_rate, rngs)
-    return heads_first(jnp.einsum("bhts,bhsd->bhtd", probs, v))
+    out = jnp.einsum("bhts,bhsd->bhtd", probs, v, preferred_element_type=f32)
+    return heads_first(out.astype(v.dtype))
 
 
 def heads_first(x: jax.Array) -> jax.Array:
@@ -157,12 +199,73 @@ def heads_first(x: jax.Array) -> jax.Array:
     return x.transpose(0, 2, 1, 3)
 
 
-def call_block(block: nnx.Module, remat: bool, *args):
-    """block(*args); with `remat`, its activations are recomputed in the backward pass rather
-    than kept from the forward pass (less memory, about a third more compute)."""
-    if not remat:
-        return block(*args)
-    return nnx.remat(lambda b, *a: b(*a))(block, *args)
+@dataclass(frozen=True)
+class Execution:
+    """How a stack of blocks runs; it changes what is stored and compiled, never the result.
+
+    scan: one `lax.scan` over the blocks' stacked parameters, so the block is traced and
+        compiled once whatever the depth (the blocks must be identical in structure).
+    remat: each block's activations are recomputed in the backward pass instead of kept from
+        the forward pass (less memory, about a third more compute).
+    remat_policy: with remat, the name of a `jax.checkpoint_policies` entry saying what is kept
+        after all (e.g. "dots_with_no_batch_dims_saveable"); None keeps nothing.
+    """
+
+    scan: bool = False
+    remat: bool = False
+    remat_policy: str | None = None
+
+    def __post_init__(self):
+        if self.remat_policy is not None and not hasattr(
+            jax.checkpoint_policies, self.remat_policy
+        ):
+            names = [n for n in dir(jax.checkpoint_policies) if not n.startswith("_")]
+            raise ValueError(f"remat policy {self.remat_policy!r} is not one of {names}")
+
+
+def run_blocks(
+    blocks: Sequence[nnx.Module],
+    layer: Callable[[nnx.Module, jax.Array, Any, nnx.Rngs | None], jax.Array],
+    x: jax.Array,
+    rngs: nnx.Rngs | None,
+    execution: Execution,
+    per_layer: Sequence[Any] | None = None,
+) -> jax.Array:
+    """x = layer(block, x, per_layer[i], rngs_i) for every block in order.
+
+    Each block gets its own dropout stream, split from `rngs` up front: the unrolled loop and
+    the scan draw the same masks, so they give the same result.
+    """
+    n = len(blocks)
+    keys = None if rngs is None else jax.random.split(rngs.dropout(), n)
+    per_layer = [None] * n if per_layer is None else list(per_layer)
+    parts = [nnx.split(block) for block in blocks]
+
+    def apply(graphdef, state, x, extra, key):
+        block = nnx.merge(graphdef, state)
+        return layer(block, x, extra, None if key is None else nnx.Rngs(dropout=key))
+
+    if execution.remat:
+        policy = execution.remat_policy and getattr(jax.checkpoint_policies, execution.remat_policy)
+        apply = jax.checkpoint(apply, policy=policy, static_argnums=(0,))
+    if not execution.scan:
+        for i, (graphdef, state) in enumerate(parts):
+            x = apply(graphdef, state, x, per_layer[i], None if keys is None else keys[i])
+        return x
+    graphdef = parts[0][0]
+    if any(g != graphdef for g, _ in parts):
+        raise ValueError(
+            "scan over layers needs blocks of one structure; these differ (e.g. GPT-2's "
+            "scale_attn_by_inverse_layer_idx gives every layer its own scale): run unscanned"
+        )
+    stack = functools.partial(jax.tree.map, lambda *a: jnp.stack(a))
+    xs = (stack(*[s for _, s in parts]), stack(*per_layer) if per_layer[0] is not None else None)
+
+    def body(x, layer_in):
+        (state, extra), key = layer_in
+        return apply(graphdef, state, x, extra, key), None
+
+    return jax.lax.scan(body, x, (xs, keys))[0]
 
 
 class MLP(nnx.Module):

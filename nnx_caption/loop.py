@@ -21,6 +21,7 @@ import numpy as np
 
 from nnx_caption import data as data_lib
 from nnx_caption.hf import from_pretrained, resolve, save_pretrained
+from nnx_caption.layers import Execution
 from nnx_caption.predict import UsageError
 from nnx_caption.processing import ImageProcessor, Tokenizer
 from nnx_caption.train import TrainConfig, Trainer, checkpoints, prune_checkpoints
@@ -80,6 +81,9 @@ class TrainArgs:
     freeze: list[str] = field(default_factory=list)
     lora_rank: int = 0
     gradient_checkpointing: bool = False
+    remat_policy: str | None = None
+    scan_layers: bool = False
+    captions_per_image: int = 1
     preprocessing_num_workers: int = 2
     image_cache_gb: float = 2.0
     eval_limit_batches: int | None = None
@@ -111,6 +115,16 @@ def _check_args(a: TrainArgs) -> None:
             raise UsageError(f"--{flag} needs --{needed}")
     if a.dtype not in ("float32", "bfloat16", "float16"):
         raise UsageError(f"--dtype must be float32, bfloat16 or float16, not {a.dtype!r}")
+    k = a.captions_per_image
+    if k < 1 or a.per_device_train_batch_size % k:
+        raise UsageError(
+            f"--captions_per_image {k} must divide --per_device_train_batch_size "
+            f"{a.per_device_train_batch_size}: each device holds whole images with their captions"
+        )
+    try:
+        Execution(remat_policy=a.remat_policy)
+    except ValueError as e:
+        raise UsageError(f"--remat_policy: {e}") from None
     if a.lora_rank < 0:
         raise UsageError(f"--lora_rank must be >= 0, got {a.lora_rank}")
 
@@ -245,11 +259,11 @@ def run(a: TrainArgs) -> dict:
     global_batch = a.per_device_train_batch_size * devices * a.gradient_accumulation_steps
     eval_batch = a.per_device_eval_batch_size * devices
 
-    steps_per_epoch = train_ds.steps_per_epoch(global_batch) if train_ds else 1
+    k = a.captions_per_image
+    steps_per_epoch = train_ds.steps_per_epoch(global_batch, k) if train_ds else 1
     if train_ds is not None and steps_per_epoch == 0:
-        raise UsageError(
-            f"{len(train_ds)} training examples are fewer than one batch of {global_batch}"
-        )
+        what = f"{train_ds.images} training images" if k > 1 else f"{len(train_ds)} examples"
+        raise UsageError(f"{what} are fewer than one batch of {global_batch // k}")
     total = a.max_steps or int(steps_per_epoch * a.num_train_epochs)
     tcfg = TrainConfig(
         learning_rate=a.learning_rate,
@@ -266,6 +280,8 @@ def run(a: TrainArgs) -> dict:
         seed=a.seed,
         lora=bool(a.lora_rank),
         remat=a.gradient_checkpointing,
+        remat_policy=a.remat_policy,
+        scan_layers=a.scan_layers,
     )
     trainer = Trainer(model, tcfg, mesh)
     existing = checkpoints(ckpt_dir)
@@ -331,7 +347,10 @@ def train_loop(
         mininterval=2.0,
     )
     start, t0 = trainer.step, time.perf_counter()
-    batches = data_lib.train_batches(ds, global_batch, a.seed, start_step=trainer.step)
+    per_image = a.captions_per_image
+    batches = data_lib.train_batches(
+        ds, global_batch, a.seed, start_step=trainer.step, captions_per_image=per_image
+    )
     for step, batch in batches:
         if step >= total:
             break
@@ -342,7 +361,9 @@ def train_loop(
             logged = {k: float(np.mean([float(m[k]) for m in window])) for k in window[0]}
             rate = (done - start) * global_batch / (time.perf_counter() - t0)
             logged.update(
-                step=done, epoch=done / ds.steps_per_epoch(global_batch), examples_per_second=rate
+                step=done,
+                epoch=done / ds.steps_per_epoch(global_batch, per_image),
+                examples_per_second=rate,
             )
             history.append(logged)
             window = []
@@ -566,6 +587,11 @@ HELP = {
     "(merged into the weights at export)",
     "gradient_checkpointing": "remat: recompute each block's activations in the backward "
     "pass instead of storing them (less memory, more compute)",
+    "remat_policy": "with --gradient_checkpointing, what is kept anyway: a jax.checkpoint_policies "
+    "name, e.g. dots_with_no_batch_dims_saveable (default: nothing)",
+    "scan_layers": "run each stack of blocks as one lax.scan: compile time stays flat in depth",
+    "captions_per_image": "k > 1: batches of images with k captions each, each image encoded "
+    "once per step; an epoch covers every image once (default 1: every caption once, as HF)",
     "image_cache_gb": "keep a split's resized images in memory when they fit in this many GiB "
     "(decoded once); larger splits are decoded batch by batch",
     "preprocessing_num_workers": "processes decoding images",

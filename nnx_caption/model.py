@@ -57,6 +57,13 @@ class VisionEncoderDecoder(nnx.Module):
         rngs: nnx.Rngs | None = None,
     ) -> jax.Array:
         """Logits (B, T, vocab). Dropout is active only when `rngs` (with a 'dropout' stream)
-        is given, i.e. in training."""
+        is given, i.e. in training.
+
+        pixel_values may hold fewer images than there are captions: B / images captions per
+        image, image-major (rows 0..k-1 describe image 0). Each image is then encoded once and
+        its captions share its cross-attention keys and values, as beams do in generate()."""
+        images, rows = pixel_values.shape[0], decoder_input_ids.shape[0]
+        if rows % images:
+            raise ValueError(f"{rows} captions do not split evenly over {images} images")
         states = self.encode(pixel_values, rngs)
         return self.decode(decoder_input_ids, states, decoder_attention_mask, rngs)

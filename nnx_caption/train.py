@@ -22,6 +22,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from nnx_caption.layers import Execution
 from nnx_caption.model import VisionEncoderDecoder
 from nnx_caption.safetensors_io import SafetensorsReader, write_safetensors
 from nnx_caption.sharding import place, scalar, to_host
@@ -44,6 +45,8 @@ class TrainConfig:
     freeze: tuple[str, ...] = field(default_factory=tuple)  # NNX path prefixes, e.g. "encoder"
     lora: bool = False  # train only the LoRA adapters (lora.add_lora), the rest stays frozen
     remat: bool = False  # recompute each block's activations in the backward pass
+    remat_policy: str | None = None  # what remat keeps anyway (a jax.checkpoint_policies name)
+    scan_layers: bool = False  # one lax.scan per stack of blocks: compile time flat in depth
     seed: int = 42
 
 
@@ -166,9 +169,16 @@ def _train_step(graphdef, state, batch, step, cfg: TrainConfig):
 
 
 def split_micro_batches(batch: dict[str, jax.Array], k: int) -> list[dict[str, jax.Array]]:
-    """k equal micro-batches for gradient accumulation. Strided, so that each device of a
-    data-parallel mesh holds its share of every micro-batch."""
-    return [{name: x[i::k] for name, x in batch.items()} for i in range(k)]
+    """k equal micro-batches for gradient accumulation. Strided over images, so that each
+    device of a data-parallel mesh holds its share of every micro-batch; an image's captions
+    (several per image when pixel_values has fewer rows than the targets) stay with it."""
+    images = len(batch["pixel_values"])
+
+    def part(x: jax.Array, i: int) -> jax.Array:
+        grouped = x.reshape(images, -1, *x.shape[1:])  # (images, captions per image, ...)
+        return grouped[i::k].reshape(-1, *x.shape[1:])
+
+    return [{name: part(x, i) for name, x in batch.items()} for i in range(k)]
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3))
@@ -185,7 +195,9 @@ class Trainer:
 
     def __init__(self, model: VisionEncoderDecoder, cfg: TrainConfig, mesh: Mesh | None = None):
         self.cfg, self.mesh = cfg, mesh
-        model.encoder.remat = model.decoder.remat = cfg.remat
+        model.encoder.execution = model.decoder.execution = Execution(
+            cfg.scan_layers, cfg.remat, cfg.remat_policy
+        )
         optimizer = make_optimizer(model, cfg)
         self.graphdef, self.state = nnx.split((model, optimizer))
         self.step = 0

@@ -14,11 +14,12 @@ from nnx_caption.config import ViTConfig
 from nnx_caption.layers import (
     MLP,
     Dense,
+    Execution,
     LayerNorm,
     attention,
-    call_block,
     dropout,
     heads_first,
+    run_blocks,
 )
 from nnx_caption.sharding import constrain
 
@@ -137,7 +138,7 @@ class ViT(nnx.Module):
         self.ln_f = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, param_dtype=param_dtype)
         self.dropout_rate = cfg.hidden_dropout_prob
         self.dtype = dtype
-        self.remat = False  # set by training (TrainConfig.remat)
+        self.execution = Execution()  # scan / remat, set by training (TrainConfig)
 
     def __call__(self, images: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
         """(B, H, W, C) normalised images -> (B, 1 + patches, hidden) last hidden state."""
@@ -145,6 +146,7 @@ class ViT(nnx.Module):
             images = images.astype(self.dtype)
         x = dropout(self.embeddings(images), self.dropout_rate, rngs)
         x = constrain(x, ("batch", "seq", "act_embed"))
-        for block in self.blocks:
-            x = call_block(block, self.remat, x, rngs)
+        x = run_blocks(
+            self.blocks, lambda block, x, _, rngs: block(x, rngs), x, rngs, self.execution
+        )
         return self.ln_f(x)

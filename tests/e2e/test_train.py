@@ -295,6 +295,30 @@ def test_lora_run_exports_plain_weights(setup, tmp_path):
     assert moved and all(k.endswith("kernel") for k in moved)  # only adapted kernels changed
 
 
+def test_speed_flags_train(setup, tmp_path):
+    """--captions_per_image (each image encoded once for its 2 captions), --scan_layers and
+    remat with a policy, wired through the CLI: the run trains; bad values stop it before
+    training, naming the flag."""
+    out = tmp_path / "fast"
+    args = _train_args(setup, out)
+    args[args.index("--max_steps") + 1] = "8"
+    proc = cli(
+        *args,
+        "--captions_per_image",
+        "2",
+        "--scan_layers",
+        "--gradient_checkpointing",
+        "--remat_policy",
+        "dots_with_no_batch_dims_saveable",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    losses = [json.loads(line)["loss"] for line in open(out / "metrics.jsonl")]
+    assert len(losses) == 2 and losses[-1] < losses[0]
+    for flag, value in (("--captions_per_image", "3"), ("--remat_policy", "keep_all")):
+        proc = cli(*_train_args(setup, tmp_path / flag.strip("-")), flag, value)
+        assert proc.returncode == 2 and flag in proc.stderr, proc.stderr[-2000:]
+
+
 def test_hf_datasets_imagefolder(setup, tmp_path):
     """--dataset_name imagefolder --data_dir: HF datasets' own builder (no download)."""
     data_root = Path(setup["splits"]["train"]).parent

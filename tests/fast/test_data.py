@@ -302,6 +302,45 @@ def test_train_batches_follow_epoch_order_and_resume_exactly(tmp_path, tokenizer
     assert _same(unprefetched, run)
 
 
+def test_batches_of_images_with_several_captions(tmp_path, tokenizer):
+    """captions_per_image k: each image once per epoch with k of its own captions (a random k
+    of 3, or its only caption repeated), its pixels once per batch; exact on resume."""
+    names = _images(tmp_path / "images", 5)
+    counts = [3, 3, 1, 3, 3]  # image 2 has one caption
+    rows = [[f"images/{n}", f"image {i} caption {j}"] for i, n in enumerate(names)
+            for j in range(counts[i])]  # fmt: skip
+    table = _write_csv(tmp_path / "t.csv", ["image", "caption"], rows)
+    processor = ImageProcessor(size=8)
+    ds = CaptionDataset(load_split(str(table)), processor, tokenizer, 8, START, PAD, workers=1)
+    assert ds.images == 5 and ds.steps_per_epoch(4, 2) == 2  # 2 images a batch, one left over
+    run = list(itertools.islice(data.train_batches(ds, 4, seed=3, captions_per_image=2), 6))
+    store = ImageStore([str(tmp_path / "images" / n) for n in names], processor, workers=1)
+    for epoch in range(3):
+        groups = ds.image_groups(2, 3, epoch)
+        assert sorted(ds.examples[g[0]].image for g in groups) == sorted(
+            str(tmp_path / "images" / n) for n in names
+        )
+        for g in groups:  # both captions describe the group's image
+            image = ds.examples[g[0]].image
+            assert all(ds.examples[i].image == image for i in g)
+            assert len(set(g)) == min(2, counts[names.index(Path(image).name)])
+        for position in range(2):
+            step, batch = run[epoch * 2 + position]
+            chosen = groups[position * 2 : position * 2 + 2]
+            assert batch["pixel_values"].shape == (2, 8, 8, 3)
+            slots = [names.index(Path(ds.examples[g[0]].image).name) for g in chosen]
+            np.testing.assert_array_equal(batch["pixel_values"], store.pixels(np.array(slots)))
+            want = ds.batch(chosen.reshape(-1))
+            np.testing.assert_array_equal(batch["labels"], want["labels"])
+    assert not np.array_equal(ds.image_groups(2, 3, 0), ds.image_groups(2, 3, 1))
+    resumed = list(
+        itertools.islice(data.train_batches(ds, 4, seed=3, start_step=3, captions_per_image=2), 3)
+    )
+    assert _same(resumed, run[3:])
+    with pytest.raises(DataError, match="groups of 3"):
+        data.train_batches(ds, 4, seed=0, captions_per_image=3)
+
+
 def test_train_batches_stop_their_thread_and_need_a_full_batch(tmp_path, tokenizer):
     ds = _dataset(tmp_path, tokenizer, n=4)
     before = threading.active_count()

@@ -113,6 +113,23 @@ def jax_leaves(model):
     return jax.tree.leaves(nnx.state(model, nnx.Param))
 
 
+@pytest.mark.parametrize("name", ["proj_gelu", "same_width_no_qkv_bias"])
+def test_images_with_several_captions_match_repeated_images(name, hf_checkpoint):
+    """Two images with three captions each, image-major, each image encoded once and shared by
+    its captions' cross-attention: transformers' logits for the images repeated per caption."""
+    enc, dec = CONFIGS[name]
+    ref_model, path = hf_checkpoint(enc, dec, scale=3.0)
+    pixels, _, _ = make_inputs(enc, dec, batch=2)
+    _, ids, mask = make_inputs(enc, dec, batch=6, seed=1)
+    ref = torch_forward(ref_model, np.repeat(pixels, 3, axis=0), ids, mask)
+    model = nc.from_pretrained(path)
+    logits = model(jnp.asarray(pixels), jnp.asarray(ids), jnp.asarray(mask))
+    assert logits.shape[0] == 6
+    np.testing.assert_allclose(logits, ref.logits, atol=1e-4)
+    with pytest.raises(ValueError, match="4 captions do not split evenly over 3 images"):
+        model(jnp.asarray(np.repeat(pixels, 2, 0)[:3]), jnp.asarray(ids[:4]))
+
+
 def test_bf16_compute_stays_close(hf_checkpoint):
     """The compute-dtype option: bf16 matmuls, fp32 master weights, logits near fp32."""
     enc, dec = CONFIGS["proj_gelu"]
@@ -123,7 +140,7 @@ def test_bf16_compute_stays_close(hf_checkpoint):
     assert all(p.dtype == jnp.float32 for p in jax_leaves(bf16))
     a = fp32(jnp.asarray(pixels), jnp.asarray(ids), jnp.asarray(mask))
     b = bf16(jnp.asarray(pixels), jnp.asarray(ids), jnp.asarray(mask))
-    assert b.dtype == jnp.bfloat16
+    assert b.dtype == jnp.float32  # logits leave the bf16 matmul in its float32 accumulator
     np.testing.assert_allclose(np.asarray(b, np.float32), a, atol=0.1)
     assert not np.array_equal(np.asarray(b, np.float32), np.asarray(a))
 

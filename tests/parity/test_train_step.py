@@ -11,6 +11,7 @@ from flax import nnx
 from reference import CONFIGS, build_hf_model
 
 import nnx_caption as nc
+from nnx_caption.layers import Execution
 from nnx_caption.safetensors_io import SafetensorsReader
 from nnx_caption.train import TrainConfig, Trainer, cross_entropy, decays
 
@@ -62,8 +63,12 @@ def test_loss_equals_hf_script(smoothing):
     np.testing.assert_allclose(total / count, want.item(), rtol=1e-5)
 
 
-@pytest.mark.parametrize("accumulate", [1, 2])
-def test_adamw_steps_equal_torch(tmp_path, accumulate):
+@pytest.mark.parametrize(
+    "accumulate, per_image", [(1, 1), (2, 1), (2, 2)], ids=["plain", "accumulate", "grouped"]
+)
+def test_adamw_steps_equal_torch(tmp_path, accumulate, per_image):
+    """per_image 2: two images with two captions each, each image encoded once (and split
+    over the micro-batches with its captions); torch sees each image repeated per caption."""
     enc, dec = no_dropout(*CONFIGS["proj_gelu"])
     ref = build_hf_model(enc, dec, scale=2.0)
     ref.save_pretrained(tmp_path)
@@ -98,12 +103,14 @@ def test_adamw_steps_equal_torch(tmp_path, accumulate):
     ref.train()
     for step in range(4):
         b = batch(enc, dec, seed=step)
+        b["pixel_values"] = b["pixel_values"][: len(b["labels"]) // per_image]
         got = trainer.train_step(b)
+        pixels = np.repeat(b["pixel_values"], per_image, axis=0)
         for g in opt.param_groups:
             g["lr"] = lrs[step]
         opt.zero_grad()
         out = ref(
-            pixel_values=torch.from_numpy(b["pixel_values"]).permute(0, 3, 1, 2),
+            pixel_values=torch.from_numpy(pixels).permute(0, 3, 1, 2),
             decoder_input_ids=torch.from_numpy(b["decoder_input_ids"]).long(),
             decoder_attention_mask=torch.from_numpy(b["decoder_attention_mask"]).long(),
         )
@@ -148,29 +155,59 @@ def test_decay_mask_and_frozen_parts(tmp_path):
     assert not np.allclose(np.asarray(trainer.model.decoder.wte[...]), wte_before)
 
 
-def test_remat_gives_the_same_gradients(tmp_path):
-    """Remat changes what is stored, not what is computed: gradients are equal (Adam would
-    amplify float noise on near-zero gradients, so they are compared before the optimizer)."""
-    enc, dec = no_dropout(*CONFIGS["proj_gelu"])
+@pytest.mark.parametrize(
+    "execution",
+    [
+        Execution(remat=True),
+        Execution(scan=True),
+        Execution(scan=True, remat=True, remat_policy="dots_with_no_batch_dims_saveable"),
+    ],
+    ids=["remat", "scan", "scan_remat_dots"],
+)
+def test_execution_options_give_the_same_gradients(tmp_path, execution):
+    """Remat and scan change what is stored and compiled, not what is computed: with dropout
+    on, gradients are equal to the unrolled loop's (Adam would amplify float noise on
+    near-zero gradients, so they are compared before the optimizer)."""
+    enc, dec = CONFIGS["proj_gelu"]
     build_hf_model(enc, dec, scale=2.0).save_pretrained(tmp_path)
     model = nc.from_pretrained(tmp_path)
     b = batch(enc, dec)
 
     def loss(model):
-        logits = model(b["pixel_values"], b["decoder_input_ids"], b["decoder_attention_mask"])
+        logits = model(
+            b["pixel_values"],
+            b["decoder_input_ids"],
+            b["decoder_attention_mask"],
+            rngs=nnx.Rngs(dropout=3),
+        )
         total, count = cross_entropy(logits, b["labels"], b["decoder_attention_mask"])
         return total / count
 
     grads = []
-    for remat in (False, True):
-        model.encoder.remat = model.decoder.remat = remat
+    for ex in (Execution(), execution):
+        model.encoder.execution = model.decoder.execution = ex
         grads.append(jax.tree.map(np.asarray, nnx.jit(nnx.grad(loss))(model)))
     scale = max(np.abs(g).max() for g in jax.tree.leaves(grads[0]))
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6 * scale), *grads)
     # Through the trainer's compiled step too: the same loss and gradient norm.
+    options = dict(
+        remat=execution.remat, remat_policy=execution.remat_policy, scan_layers=execution.scan
+    )
     steps = [
-        Trainer(nc.from_pretrained(tmp_path), TrainConfig(total_steps=2, remat=r)).train_step(b)
-        for r in (False, True)
+        Trainer(nc.from_pretrained(tmp_path), TrainConfig(total_steps=2, **kw)).train_step(b)
+        for kw in ({}, options)
     ]
     for key in ("loss", "grad_norm"):
         np.testing.assert_allclose(float(steps[1][key]), float(steps[0][key]), rtol=1e-5)
+
+
+def test_scan_refuses_blocks_that_differ(tmp_path):
+    """GPT-2 blocks with scale_attn_by_inverse_layer_idx each have their own scale: scanning
+    them would silently use one, so it is refused with the reason."""
+    enc, dec = CONFIGS["attention_scaling_flags"]
+    build_hf_model(enc, dec).save_pretrained(tmp_path)
+    trainer = Trainer(nc.from_pretrained(tmp_path), TrainConfig(scan_layers=True))
+    with pytest.raises(ValueError, match="scale_attn_by_inverse_layer_idx"):
+        trainer.train_step(batch(enc, dec))
+    with pytest.raises(ValueError, match="not one of"):
+        Execution(remat=True, remat_policy="keep_everything")

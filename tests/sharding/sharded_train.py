@@ -1,6 +1,7 @@
 """Run in its own process (8 simulated CPU devices, set before jax is imported): a few train
 steps on a mesh vs on one device; prints JSON."""
 
+import dataclasses
 import json
 import os
 import sys
@@ -36,7 +37,7 @@ def run(directory: str, mesh, cfg: TrainConfig, data) -> tuple[list[float], dict
     return losses, params, specs
 
 
-def main(data_axis: int, fsdp: int, tensor: int) -> None:
+def main(data_axis: int, fsdp: int, tensor: int, scan: bool) -> None:
     directory = tempfile.mkdtemp()
     config = tiny()
     nc.save_pretrained(nc.VisionEncoderDecoder(config, rngs=nnx.Rngs(0)), directory)
@@ -52,7 +53,9 @@ def main(data_axis: int, fsdp: int, tensor: int) -> None:
     data = random_train_batches(config.decoder.vocab_size)
     single_losses, single, _ = run(directory, None, cfg, data)
     mesh = make_mesh(data_axis, fsdp, tensor)
-    losses, sharded, specs = run(directory, mesh, cfg, data)
+    # The sharded run may also scan over layers with remat: still the unrolled run's numbers.
+    scanned = dataclasses.replace(cfg, scan_layers=scan, remat=scan)
+    losses, sharded, specs = run(directory, mesh, scanned, data)
     print(
         json.dumps(
             {
@@ -66,4 +69,4 @@ def main(data_axis: int, fsdp: int, tensor: int) -> None:
 
 
 if __name__ == "__main__":
-    main(*map(int, sys.argv[1:4]))
+    main(*map(int, sys.argv[1:4]), scan=sys.argv[4:] == ["scan"])

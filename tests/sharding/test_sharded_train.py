@@ -1,4 +1,5 @@
-"""Data-parallel, FSDP and tensor-parallel train steps equal one device's (within 1e-5)."""
+"""Data-parallel, FSDP and tensor-parallel train steps equal one device's (within 1e-5), with
+the layers unrolled or scanned (with remat)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ import pytest
 SCRIPT = pathlib.Path(__file__).with_name("sharded_train.py")
 
 
-@pytest.mark.parametrize("mesh", [(8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 4, 2)])
+@pytest.mark.parametrize(
+    "mesh", [(8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 4, 2), (2, 2, 2, "scan")], ids=str
+)
 def test_sharded_train_steps_equal_single_device(mesh):
     out = subprocess.run(
         [sys.executable, str(SCRIPT), *map(str, mesh)], capture_output=True, text=True
