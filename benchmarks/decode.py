@@ -10,7 +10,7 @@ images, one after the other; HF Flax runs in its own process and virtual environ
 (peers/hf_flax.py, set up by peers/setup_hf_flax.sh on first use). Each figure is the median
 of --repeats runs after a warm-up run; compile time (first call minus a steady call) is
 reported apart. Work is counted analytically (nnx_caption.flops.generate) and reported against
-this machine's measured fp32 matmul peak. Tokens are checked identical across the peers.
+the device's fp32 peak (common.peak_flops). Tokens are checked identical across the peers.
 Results: benchmarks/results/decode.json and the "Decode" section of benchmarks/RESULTS.md.
 """
 
@@ -29,7 +29,7 @@ from common import (
     ensure_checkpoint,
     machine,
     machine_line,
-    matmul_peak,
+    peak_flops,
     run_hf_flax,
     update_results_md,
     write_inputs,
@@ -74,7 +74,7 @@ def main() -> None:
     torch.set_num_threads(len(__import__("os").sched_getaffinity(0)))
     ours = nc.from_pretrained(directory)
     ref = VisionEncoderDecoderModel.from_pretrained(directory).eval()
-    peak = matmul_peak("float32")
+    peak, peak_source = peak_flops("float32")
     rows = []
     for mode, batch, beams in CASES:
         pixels = np.random.default_rng(batch).standard_normal((batch, 224, 224, 3), np.float32)
@@ -127,7 +127,8 @@ def main() -> None:
     command = " ".join([".venv/bin/python", "benchmarks/decode.py", *sys.argv[1:]])
     result = dict(
         machine=machine(),
-        fp32_matmul_peak_gflops=peak / 1e9,
+        peak_gflops=peak / 1e9,
+        peak_source=peak_source,
         max_length=MAX_LENGTH,
         command=command,
         cases=rows,
@@ -140,8 +141,8 @@ def main() -> None:
         update_results_md(
             "Decode",
             (
-                f"## Decode\n\n{machine_line(result['machine'])} Measured fp32 matmul peak "
-                f"{peak / 1e9:.0f} GFLOP/s.\n\nCommand: `{command}`\n\n{md}\n\n"
+                f"## Decode\n\n{machine_line(result['machine'])} Peak "
+                f"{peak / 1e9:.0f} GFLOP/s ({peak_source}).\n\nCommand: `{command}`\n\n{md}\n\n"
                 f"ViT-B/16 + GPT-2 small, random weights, fp32, max_length {MAX_LENGTH} with EOS "
                 "suppressed; medians after a warm-up; compile time is a peer's first call "
                 "minus a steady one. GFLOP is the analytic count of one search "

@@ -8,7 +8,7 @@ ViT-B/16 (224) + GPT-2 small with random weights (benchmarks/.cache), in this on
   - generate() vs beams 1..8 at batch 8 and max_length 16, and vs max_length 8..64 with beam 4
     at batch 8 (EOS suppressed, so every run decodes the full length).
 Each point is the median of --repeats calls after a warm-up call (compilation excluded), with
-its analytic GFLOP (nnx_caption/flops.py) and fraction of this machine's matmul peak.
+its analytic GFLOP (nnx_caption/flops.py) and fraction of the device's peak (common.peak_flops).
 --quick keeps each sweep's ends and middle. The train step scans over layers (the same speed,
 a third of the compile time). Results: benchmarks/results/scaling.json, scaling.png and the
 "Scaling" section of benchmarks/RESULTS.md.
@@ -29,7 +29,7 @@ from common import (
     ensure_checkpoint,
     machine,
     machine_line,
-    matmul_peak,
+    peak_flops,
     update_results_md,
 )
 from train_step import train_inputs
@@ -80,7 +80,7 @@ def main() -> None:
 
     dtype = None if args.dtype == "float32" else jnp.dtype(args.dtype)
     config = read_config(directory)
-    peak = matmul_peak(args.dtype)
+    peak, peak_source = peak_flops(args.dtype)
     model = nc.from_pretrained(directory, dtype)
     trainer = Trainer(
         nc.from_pretrained(directory, dtype), TrainConfig(total_steps=10_000, scan_layers=True)
@@ -114,7 +114,8 @@ def main() -> None:
 
     command = " ".join([".venv/bin/python", "benchmarks/scaling.py", *sys.argv[1:]])
     result = dict(
-        machine=machine(), dtype=args.dtype, matmul_peak_gflops=peak / 1e9, command=command,
+        machine=machine(), dtype=args.dtype, peak_gflops=peak / 1e9, peak_source=peak_source,
+        command=command,
         points=rows,
     )  # fmt: skip
     RESULTS_DIR.mkdir(exist_ok=True)
@@ -126,8 +127,8 @@ def main() -> None:
         update_results_md(
             "Scaling",
             (
-                f"## Scaling\n\n{machine_line(result['machine'])} Compute {args.dtype}; measured "
-                f"matmul peak {peak / 1e9:.0f} GFLOP/s.\n\nCommand: `{command}`\n\n{md}\n\n"
+                f"## Scaling\n\n{machine_line(result['machine'])} Compute {args.dtype}; peak "
+                f"{peak / 1e9:.0f} GFLOP/s ({peak_source}).\n\nCommand: `{command}`\n\n{md}\n\n"
                 "![scaling](scaling.png)\n\nViT-B/16 + GPT-2 small, random weights; each point "
                 f"the median of {args.repeats} calls after a warm-up (compilation excluded). "
                 "Train = forward + backward + AdamW; decode = generate() with EOS suppressed.\n"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import codecs
 import csv
+import functools
 import io
 import json
 import multiprocessing
@@ -495,19 +496,25 @@ class CaptionDataset:
         k of its captions (a random k when it has more, some repeated when it has fewer). A
         function of (seed, epoch) only, like epoch_order."""
         rng = np.random.default_rng([seed, epoch, k])
-        by_image = np.argsort(self._rows, kind="stable")
-        starts = np.searchsorted(self._rows[by_image], np.unique(self._rows))
-        groups = np.split(by_image, starts[1:])
         picks = [
             rng.permutation(g)[:k] if len(g) >= k else rng.choice(g, k, replace=True)
-            for g in groups
+            for g in self._captions_by_image
         ]
         return np.stack([picks[i] for i in rng.permutation(len(picks))])
+
+    @functools.cached_property
+    def _captions_by_image(self) -> list[np.ndarray]:
+        """Example indices of each distinct image's captions, grouped once."""
+        if len(self._rows) == 0:
+            return []
+        by_image = np.argsort(self._rows, kind="stable")
+        starts = np.flatnonzero(np.diff(self._rows[by_image])) + 1
+        return np.split(by_image, starts)
 
     @property
     def images(self) -> int:
         """Distinct images (after skipping those that failed to decode)."""
-        return len(np.unique(self._rows))
+        return len(self._captions_by_image)
 
     @property
     def late_failures(self) -> list[tuple[str, str]]:
@@ -516,10 +523,15 @@ class CaptionDataset:
 
     def steps_per_epoch(self, batch_size: int, captions_per_image: int = 1) -> int:
         """Full batches in an epoch (the last partial batch is dropped): of examples, or with
-        captions_per_image k, of batch_size / k images."""
-        if captions_per_image > 1:
-            return self.images // (batch_size // captions_per_image)
-        return len(self) // batch_size
+        captions_per_image k, of batch_size / k images. A DataError when not even one."""
+        k = captions_per_image
+        if k < 1 or batch_size % k:
+            raise DataError(f"a batch of {batch_size} does not split into groups of {k} captions")
+        units, what = (self.images, "images") if k > 1 else (len(self), "examples")
+        per_batch = batch_size // k
+        if per_batch < 1 or units < per_batch:
+            raise DataError(f"{units} {what} do not fill one batch of {per_batch}")
+        return units // per_batch
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
@@ -587,12 +599,7 @@ def train_batches(
     image. k > 1: an epoch is every image once with k of its captions (ds.image_groups), each
     batch batch_size / k images encoded once for their k captions."""
     k = captions_per_image
-    if k < 1 or batch_size % k:
-        raise DataError(f"a batch of {batch_size} does not split into groups of {k} captions")
-    steps = ds.steps_per_epoch(batch_size, k) if batch_size > 0 else 0
-    if steps == 0:
-        what = f"{ds.images} images" if k > 1 else f"{len(ds)} examples"
-        raise DataError(f"{what} do not fill one batch of {batch_size // k}")
+    steps = ds.steps_per_epoch(batch_size, k)  # checked here, before the first batch
 
     def batches() -> Iterator[tuple[int, dict[str, np.ndarray]]]:
         step, epoch, order = start_step, None, None

@@ -259,11 +259,9 @@ def run(a: TrainArgs) -> dict:
     global_batch = a.per_device_train_batch_size * devices * a.gradient_accumulation_steps
     eval_batch = a.per_device_eval_batch_size * devices
 
+    # A DataError (the CLI's usage exit) when the split does not fill one batch.
     k = a.captions_per_image
     steps_per_epoch = train_ds.steps_per_epoch(global_batch, k) if train_ds else 1
-    if train_ds is not None and steps_per_epoch == 0:
-        what = f"{train_ds.images} training images" if k > 1 else f"{len(train_ds)} examples"
-        raise UsageError(f"{what} are fewer than one batch of {global_batch // k}")
     total = a.max_steps or int(steps_per_epoch * a.num_train_epochs)
     tcfg = TrainConfig(
         learning_rate=a.learning_rate,
