@@ -36,6 +36,7 @@ test-fast test-parity test-sharding test-e2e: setup
 bench: setup
 	$(PY) benchmarks/load_memory.py
 	$(PY) benchmarks/decode.py
+	$(PY) benchmarks/decode_floor.py
 	$(PY) benchmarks/train_step.py
 	$(PY) benchmarks/scaling.py
 
