@@ -11,14 +11,15 @@ import pytest
 from nnx_caption.layers import contract
 
 
+@pytest.mark.parametrize("out_shape", [(7,), (2, 7)])  # e.g. Dense(E, F), Dense(E, (3, H, D))
 @pytest.mark.parametrize("n_in", [1, 2])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_contract_gradients_match_autodiff(n_in, dtype):
+def test_contract_gradients_match_autodiff(n_in, dtype, out_shape):
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((3, 5, 4, 6)), jnp.float32)
-    kernel = jnp.asarray(rng.standard_normal((4, 6, 7)[2 - n_in :]), jnp.float32)
+    kernel = jnp.asarray(rng.standard_normal((4, 6)[2 - n_in :] + out_shape), jnp.float32)
     x = x if n_in == 2 else x[..., 0, :]
-    probe = jnp.asarray(rng.standard_normal((*x.shape[: x.ndim - n_in], 7)), jnp.float32)
+    probe = jnp.asarray(rng.standard_normal((*x.shape[: x.ndim - n_in], *out_shape)), jnp.float32)
 
     def ours(x, kernel):
         return jnp.sum(contract(x, kernel, n_in, dtype) * probe)
