@@ -8,6 +8,7 @@ import os
 import platform
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -95,6 +96,20 @@ def run_hf_flax(task: str, checkpoint: Path, inputs: Path, **options) -> dict | 
     for key, value in options.items():
         argv += [f"--{key.replace('_', '-')}", value]
     return run_worker(argv, HF_FLAX_PYTHON)
+
+
+def timed(fn, repeats: int) -> tuple[float, float, object]:
+    """(first call seconds, median of `repeats` later calls, last result). `fn` must wait for
+    its own result (jax.block_until_ready), or the times measure dispatch only."""
+    t = time.perf_counter()
+    out = fn()
+    first = time.perf_counter() - t
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t)
+    return first, statistics.median(times), out
 
 
 def machine() -> dict[str, str]:

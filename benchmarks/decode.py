@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +29,7 @@ from common import (
     machine_line,
     peak_flops,
     run_hf_flax,
+    timed,
     update_results_md,
     write_inputs,
 )
@@ -40,19 +39,6 @@ MAX_LENGTH = 16
 # Speedups the issues ask for: vs transformers (PyTorch) and vs HF Flax.
 TARGETS = {("beam 4", 8): 2.0, ("greedy", 1): 2.0}
 FLAX_TARGETS = {("beam 4", 8): 2.5}
-
-
-def timed(fn, repeats: int) -> tuple[float, float, object]:
-    """(first call seconds, median of `repeats` later calls, last result)."""
-    t = time.perf_counter()
-    out = fn()
-    first = time.perf_counter() - t
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t)
-    return first, statistics.median(times), out
 
 
 def main() -> None:

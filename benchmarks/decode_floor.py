@@ -21,8 +21,7 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
-from common import ensure_checkpoint, machine, machine_line, update_results_md
-from decode import timed
+from common import ensure_checkpoint, machine, machine_line, timed, update_results_md
 
 STEPS = 15  # max_length 16 counts the start token
 

@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 
 import numpy as np
 from common import (
@@ -30,6 +28,7 @@ from common import (
     machine,
     machine_line,
     peak_flops,
+    timed,
     update_results_md,
 )
 from train_step import train_inputs
@@ -41,16 +40,6 @@ SWEEPS = {  # name -> (what varies, its values, the fixed settings)
     "decode vs max_length": ("max_length", [8, 16, 32, 64], dict(batch=8, beams=4)),
 }
 QUICK = {"batch": [1, 8, 32], "length": [16, 128], "beams": [1, 8], "max_length": [8, 64]}
-
-
-def median_time(fn, repeats: int) -> float:
-    fn()  # compile and warm up
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -94,17 +83,17 @@ def main() -> None:
                     s["batch"], s["length"], config.decoder.vocab_size, 0, seed=s["batch"]
                 )
                 batch["labels"] = np.maximum(batch["labels"], 0)
-                seconds = median_time(
+                seconds = timed(
                     lambda: jax.block_until_ready(trainer.train_step(batch)["loss"]), args.repeats
-                )
+                )[1]
                 work = flops.train_step(config, s["batch"], s["length"])
             else:
                 rng = np.random.default_rng(s["batch"])
                 pixels = jnp.asarray(rng.standard_normal((s["batch"], 224, 224, 3), np.float32))
                 kw = dict(max_length=s["max_length"], min_length=s["max_length"])
-                seconds = median_time(
+                seconds = timed(
                     lambda: nc.generate(model, pixels, num_beams=s["beams"], **kw), args.repeats
-                )
+                )[1]
                 work = flops.generate(config, s["batch"], s["beams"], s["max_length"])
             rows.append(
                 dict(sweep=sweep, knob=knob, value=value, settings=s, seconds=seconds,
