@@ -1,18 +1,21 @@
-"""How close greedy decoding at batch 1 is to this machine's limits, and why weight layout matters.
+"""How close the two searches issue 3 targets are to this machine's limits.
 
     .venv/bin/python benchmarks/decode_floor.py [--repeats 10]
 
-A greedy step at batch 1 multiplies one row by every decoder weight, so it is bound by how fast
-the weights stream from memory, not by FLOPs. This measures, in one process:
+Greedy at batch 1 multiplies one row by every decoder weight per step, so it is bound by how
+fast the weights stream from memory. Beam 4 at batch 8 multiplies 32 rows, so it is bound by how
+fast XLA runs 32-row matmuls. This measures, in one process:
 - read bandwidth: jnp.sum over an array the size of the decoder's per-step weights (or the
   one-row matmuls below, where they read faster);
 - the 12 GPT-2 blocks' matmuls (c_attn, c_proj, cross q, cross c_proj, MLP) at 1 and 32 rows,
   with the kernels stored (in, out) as nnx-caption and HF's GPT-2 store them, and (out, in);
-- nnx-caption's encoder + cross-attention K/V for one image, and its whole greedy search
-  (max_length 16, EOS suppressed, as benchmarks/decode.py), and transformers' generate() (PyTorch,
-  CPU) on the same image.
-The floor of that search is encoder + K/V + 15 steps x (weights + LM head bytes) / bandwidth:
-no search that reads every weight once per step can go faster.
+  and the tied LM head's matmul at 32 rows;
+- nnx-caption's encoder + cross-attention K/V, its whole search (max_length 16, EOS
+  suppressed, as benchmarks/decode.py) and transformers' generate() (PyTorch, CPU) on the same
+  images, for greedy at batch 1 and beam 4 at batch 8.
+Each search's floor is encoder + K/V + 15 steps of its bound: for greedy, the weights and LM
+head read at the bandwidth; for beam 4, the blocks' and LM head's matmuls at 32 rows as XLA
+runs them, every other op of a step (attention, cache reorder, top-k) counted as free.
 Results: the "Decode floor" section of benchmarks/RESULTS.md.
 """
 
@@ -21,7 +24,14 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
-from common import ensure_checkpoint, machine, machine_line, timed, update_results_md
+from common import (
+    ensure_checkpoint,
+    machine,
+    machine_line,
+    peak_flops,
+    timed,
+    update_results_md,
+)
 
 STEPS = 15  # max_length 16 counts the start token
 
@@ -77,6 +87,16 @@ def read_bandwidth(nbytes: int, repeats: int) -> float:
     return nbytes / median_seconds(lambda: jax.jit(jnp.sum)(data), repeats)
 
 
+def lm_head_seconds(wte, rows: int, repeats: int) -> float:
+    """The tied LM head's matmul for `rows` rows, as the decoder runs it."""
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.full((rows, wte.shape[1]), 0.01, jnp.float32)
+    head = jax.jit(lambda x, w: jnp.einsum("te,ve->tv", x, w))
+    return median_seconds(lambda: head(x, wte), repeats)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=10)
@@ -86,7 +106,9 @@ def main() -> None:
 
     import jax
     import jax.numpy as jnp
+    import torch
     from flax import nnx
+    from transformers import VisionEncoderDecoderModel
 
     import nnx_caption as nc
 
@@ -97,9 +119,11 @@ def main() -> None:
     # The best read rate seen: jnp.sum's, or the one-row matmuls' if they stream faster.
     one_row = min(layout[1, name] for name in ("(in, out)", "(out, in)"))
     bandwidth = max(read_bandwidth(step_bytes, args.repeats), block_bytes / one_row)
+    head_32 = lm_head_seconds(model.decoder.wte[...], 32, args.repeats)
+    step_32 = layout[32, "(in, out)"] + head_32  # the matmuls of one beam 4 x batch 8 step
+    step_flop = 2 * 32 * (block_bytes // 4 + cfg.vocab_size * cfg.n_embd)
+    peak, peak_source = peak_flops("float32")
 
-    rng = np.random.default_rng(0)
-    pixels = jnp.asarray(rng.standard_normal((1, 224, 224, 3), np.float32))
     graphdef, state = nnx.split(model)
 
     @jax.jit
@@ -107,27 +131,33 @@ def main() -> None:
         model = nnx.merge(graphdef, state)
         return model.decoder.cross_kv(model.encode(pixels))
 
-    encoder_s = median_seconds(lambda: encode(state, pixels), args.repeats)
-    search_s = median_seconds(
-        lambda: nc.generate(model, pixels, max_length=STEPS + 1, min_length=STEPS + 1).sequences,
-        max(3, args.repeats // 3),
-    )
-    floor_s = encoder_s + STEPS * step_bytes / bandwidth
-
-    import torch
-    from transformers import VisionEncoderDecoderModel
-
     torch.set_num_threads(len(__import__("os").sched_getaffinity(0)))
     reference = VisionEncoderDecoderModel.from_pretrained(directory).eval()
-    torch_pixels = torch.from_numpy(np.asarray(pixels)).permute(0, 3, 1, 2)
-    with torch.no_grad():
-        torch_s = median_seconds(
-            lambda: reference.generate(
-                pixel_values=torch_pixels, max_length=STEPS + 1, min_length=STEPS + 1
-            ),
-            max(3, args.repeats // 3),
+    seconds = {}  # (batch, beams) -> encoder, ours, PyTorch
+    for batch, beams in ((1, 1), (8, 4)):
+        rng = np.random.default_rng(batch)
+        pixels = jnp.asarray(rng.standard_normal((batch, 224, 224, 3), np.float32))
+        kw = dict(max_length=STEPS + 1, min_length=STEPS + 1, num_beams=beams)
+        search_repeats = max(3, args.repeats // 3)
+        torch_pixels = torch.from_numpy(np.asarray(pixels)).permute(0, 3, 1, 2)
+        with torch.no_grad():
+            torch_s = median_seconds(
+                lambda: reference.generate(pixel_values=torch_pixels, **kw), search_repeats
+            )
+        seconds[batch, beams] = (
+            median_seconds(lambda: encode(state, pixels), args.repeats),
+            median_seconds(lambda: nc.generate(model, pixels, **kw).sequences, search_repeats),
+            torch_s,
         )
 
+    def compare(search_s: float, floor_s: float, torch_s: float) -> str:
+        return (
+            f"nnx-caption takes {search_s / floor_s:.2f}x the floor, {torch_s / search_s:.2f}x "
+            f"faster than PyTorch; at the floor it would be {torch_s / floor_s:.2f}x faster."
+        )
+
+    encoder_s, search_s, torch_s = seconds[1, 1]
+    floor_s = encoder_s + STEPS * step_bytes / bandwidth
     lines = [
         "## Decode floor",
         "",
@@ -158,10 +188,26 @@ def main() -> None:
         f"| nnx-caption generate() (measured) | {search_s:.3f} |",
         f"| transformers generate(), PyTorch (measured) | {torch_s:.3f} |",
         "",
-        f"nnx-caption takes {search_s / floor_s:.2f}x the floor, {torch_s / search_s:.2f}x "
-        f"faster than PyTorch; at the floor it would be {torch_s / floor_s:.2f}x faster. A step "
-        f"takes {1e3 * (search_s - encoder_s) / STEPS:.1f} ms (Python dispatch included) "
-        f"against {1e3 * step_bytes / bandwidth:.1f} ms at full bandwidth.",
+        f"{compare(search_s, floor_s, torch_s)} A step takes "
+        f"{1e3 * (search_s - encoder_s) / STEPS:.1f} ms (Python dispatch included) against "
+        f"{1e3 * step_bytes / bandwidth:.1f} ms at full bandwidth.",
+    ]
+    encoder_s, search_s, torch_s = seconds[8, 4]
+    floor_s = encoder_s + STEPS * step_32
+    lines += [
+        "",
+        "| beam 4, batch 8, max_length 16 | seconds |",
+        "| --- | ---: |",
+        f"| encoder + cross-attention K/V, 8 images (measured) | {encoder_s:.3f} |",
+        f"| floor: that + {STEPS} steps x (the blocks' matmuls at 32 rows, (in, out), + the LM "
+        f"head's at 32 rows, {1e3 * head_32:.1f} ms) | {floor_s:.3f} |",
+        f"| nnx-caption generate() (measured) | {search_s:.3f} |",
+        f"| transformers generate(), PyTorch (measured) | {torch_s:.3f} |",
+        "",
+        f"{compare(search_s, floor_s, torch_s)} Those 32-row matmuls run at "
+        f"{step_flop / step_32 / 1e9:.0f} GFLOP/s, {100 * step_flop / step_32 / peak:.0f}% of "
+        f"the {peak / 1e9:.0f} GFLOP/s peak ({peak_source}); a step takes "
+        f"{1e3 * (search_s - encoder_s) / STEPS:.1f} ms against their {1e3 * step_32:.1f} ms.",
     ]
     section = "\n".join(lines)
     print(section)

@@ -295,7 +295,7 @@ def _beam(model, cross_kv, batch: int, key, knobs: dict, s: Search):
         improvable=jnp.ones((batch, 1), bool),
         go_on=jnp.bool_(True),
         cur_len=jnp.int32(1),
-        cache=model.decoder.init_cache(batch * k, length),
+        cache=None,  # made by the first step
         key=key,
     )
     top_k_mask = jnp.arange(keep) < k
@@ -303,10 +303,18 @@ def _beam(model, cross_kv, batch: int, key, knobs: dict, s: Search):
     def gather(x, idx):  # x (B, beams, ...), idx (B, n) -> (B, n, ...)
         return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
 
-    def body(c):
+    def body(c, first=False):
         cur_len = c["cur_len"]
         flat = c["running"].reshape(batch * k, length)
-        logits, cache = _step(model, flat, cur_len, c["cache"], cross_kv)
+        if first:
+            # Every beam of an image still holds only the start token: run one row per image
+            # and give its logits and cache to the image's beams (a quarter of the step at k=4).
+            cache = model.decoder.init_cache(batch, length)
+            logits, cache = _step(model, flat[::k], cur_len, cache, cross_kv)
+            logits = jnp.repeat(logits, k, axis=0)
+            cache = jax.tree.map(lambda x: jnp.repeat(x, k, axis=0), cache)
+        else:
+            logits, cache = _step(model, flat, cur_len, c["cache"], cross_kv)
         log_probs = _process(jax.nn.log_softmax(logits, axis=-1), flat, cur_len, knobs, s)
         key, sub = jax.random.split(c["key"])
         if s.do_sample:
@@ -369,6 +377,7 @@ def _beam(model, cross_kv, batch: int, key, knobs: dict, s: Search):
             key=key,
         )
 
+    carry = body(carry, first=True)  # the loop's first step (max_length >= 2), on fewer rows
     c = jax.lax.while_loop(lambda c: c["go_on"] & (c["cur_len"] < length), body, carry)
     n = s.num_return_sequences
     sequences = c["sequences"][:, :n].reshape(batch * n, length)
