@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -57,7 +58,7 @@ def main() -> None:
     import nnx_caption as nc
     from nnx_caption import flops
 
-    torch.set_num_threads(len(__import__("os").sched_getaffinity(0)))
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
     ours = nc.from_pretrained(directory)
     ref = VisionEncoderDecoderModel.from_pretrained(directory).eval()
     peak, peak_source = peak_flops("float32")
