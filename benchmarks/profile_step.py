@@ -51,9 +51,10 @@ def main() -> None:
     from nnx_caption.train import TrainConfig, Trainer
 
     dtype = None if args.dtype == "float32" else jnp.dtype(args.dtype)
-    trainer = Trainer(
-        nc.from_pretrained(directory, dtype), TrainConfig(total_steps=1000, scan_layers=args.scan)
-    )
+    from nnx_caption.layers import Execution
+
+    model = nc.from_pretrained(directory, dtype, execution=Execution(scan=args.scan))
+    trainer = Trainer(model, TrainConfig(total_steps=1000))
     config = trainer.model.config
     batch = train_inputs(args.batch, args.length, config.decoder.vocab_size, 0)
     batch["labels"] = np.maximum(batch["labels"], 0)

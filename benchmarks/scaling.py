@@ -65,15 +65,15 @@ def main() -> None:
     import nnx_caption as nc
     from nnx_caption import flops
     from nnx_caption.config import read_config
+    from nnx_caption.layers import Execution
     from nnx_caption.train import TrainConfig, Trainer
 
     dtype = None if args.dtype == "float32" else jnp.dtype(args.dtype)
     config = read_config(directory)
     peak, peak_source = peak_flops(args.dtype)
     model = nc.from_pretrained(directory, dtype)
-    trainer = Trainer(
-        nc.from_pretrained(directory, dtype), TrainConfig(total_steps=10_000, scan_layers=True)
-    )
+    scanned = nc.from_pretrained(directory, dtype, execution=Execution(scan=True))
+    trainer = Trainer(scanned, TrainConfig(total_steps=10_000))
     rows = []
     for sweep, (knob, values, fixed) in SWEEPS.items():
         for value in QUICK[knob] if args.quick else values:

@@ -103,10 +103,15 @@ def worker_nnx(
     import jax.numpy as jnp
 
     import nnx_caption as nc
+    from nnx_caption.layers import Execution
     from nnx_caption.train import TrainConfig, Trainer
 
-    model = nc.from_pretrained(checkpoint, None if dtype == "float32" else jnp.dtype(dtype))
-    trainer = Trainer(model, TrainConfig(learning_rate=5e-5, total_steps=10_000, scan_layers=scan))
+    model = nc.from_pretrained(
+        checkpoint,
+        None if dtype == "float32" else jnp.dtype(dtype),
+        execution=Execution(scan=scan),
+    )
+    trainer = Trainer(model, TrainConfig(learning_rate=5e-5, total_steps=10_000))
     batch = dict(inputs, labels=np.maximum(inputs["labels"], 0))
     # per_image k: the batch's captions describe len / k images, k each (image-major).
     batch["pixel_values"] = batch["pixel_values"][::per_image]

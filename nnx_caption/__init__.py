@@ -2,7 +2,12 @@
 
 from nnx_caption.config import CaptionConfig, ConfigError, GenerationConfig, GPT2Config, ViTConfig
 from nnx_caption.generate import GenerateOutput, generate
-from nnx_caption.hf import from_pretrained, save_pretrained
+from nnx_caption.hf import (
+    LoadReport,
+    from_encoder_decoder_pretrained,
+    from_pretrained,
+    save_pretrained,
+)
 from nnx_caption.metrics import CaptionScores, caption_metrics
 from nnx_caption.model import VisionEncoderDecoder
 from nnx_caption.processing import ImageProcessor, Tokenizer
@@ -20,7 +25,9 @@ __all__ = [
     "Tokenizer",
     "ViTConfig",
     "VisionEncoderDecoder",
+    "LoadReport",
     "caption_metrics",
+    "from_encoder_decoder_pretrained",
     "from_pretrained",
     "generate",
     "save_pretrained",

@@ -3,39 +3,77 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
-import shutil
 import sys
 
 from nnx_caption.config import ConfigError
 from nnx_caption.data import DataError
+from nnx_caption.edits import ModelClassError
 from nnx_caption.predict import UsageError, predict
 from nnx_caption.safetensors_io import CheckpointError
 
 
-def _copy_aux(src: str, dst: str) -> list[str]:
-    """Tokenizer and image-processor files travel with the weights."""
-    from nnx_caption.hf import AUX_FILES
-
-    copied = []
-    for name in AUX_FILES:
-        path = os.path.join(src, name)
-        if os.path.exists(path) and os.path.abspath(path) != os.path.abspath(
-            os.path.join(dst, name)
-        ):
-            shutil.copyfile(path, os.path.join(dst, name))
-            copied.append(name)
-    return copied
-
-
 def _rewrite(args: argparse.Namespace, layout: str) -> None:
-    from nnx_caption.hf import from_pretrained, resolve, save_pretrained
+    from nnx_caption.edits import model_class
+    from nnx_caption.hf import copy_aux_files, from_pretrained, resolve, save_pretrained
 
     src = resolve(args.src, revision=args.revision, cache_dir=args.cache_dir)
-    model = from_pretrained(src)
+    model = from_pretrained(src, model_cls=model_class(args.model_class))
     save_pretrained(model, args.dst, layout=layout)
-    copied = _copy_aux(src, args.dst)
+    copied = copy_aux_files(src, args.dst)
     print(f"wrote {layout.upper()} layout to {args.dst} (+ {', '.join(copied) or 'no aux files'})")
+
+
+def _compose(args: argparse.Namespace) -> None:
+    """HF's create-model step: a captioner from a ViT and a GPT-2, ready for `train`."""
+    from nnx_caption.hf import (
+        TOKENIZER_FILES,
+        copy_aux_files,
+        from_encoder_decoder_pretrained,
+        resolve,
+        save_pretrained,
+    )
+
+    out = args.output_dir
+    if os.path.isdir(out) and os.listdir(out):
+        raise UsageError(f"--output_dir {out} exists and is not empty: choose a new folder")
+    hub = dict(revision=args.revision, cache_dir=args.cache_dir)
+    model = from_encoder_decoder_pretrained(args.encoder, args.decoder, seed=args.seed, **hub)
+    save_pretrained(model, out)
+    enc_dir, dec_dir = resolve(args.encoder, **hub), resolve(args.decoder, **hub)  # cached now
+    copied = copy_aux_files(dec_dir, out, TOKENIZER_FILES)
+    copied += copy_aux_files(enc_dir, out, ("preprocessor_config.json",))
+    if not {"tokenizer.json", "vocab.json"} & set(copied):
+        print(
+            f"warning: {dec_dir} has no tokenizer files (tokenizer.json, or vocab.json + "
+            f"merges.txt): add the decoder's tokenizer to {out} before training",
+            file=sys.stderr,
+        )
+    if "preprocessor_config.json" not in copied:
+        print(
+            f"warning: {enc_dir} has no preprocessor_config.json: add the encoder's image "
+            f"processor config to {out} before training",
+            file=sys.stderr,
+        )
+    cfg = model.config
+    layers = f"{cfg.encoder.num_hidden_layers}-layer ViT + {cfg.decoder.n_layer}-layer GPT-2"
+    print(
+        f"composed {out}: {layers} with new cross-attention (seed {args.seed}); "
+        f"decoder_start={cfg.decoder_start_token_id} pad=eos={cfg.eos_token_id}; "
+        f"copied {', '.join(copied) or 'no tokenizer/processor files'}"
+    )
+
+
+def _add_compose(sub) -> None:
+    help_ = "compose a captioner from a pretrained ViT and a pretrained GPT-2 (HF's create step)"
+    p = sub.add_parser("compose", help=help_, description=help_)
+    p.add_argument("--encoder", required=True, help="ViT checkpoint folder or hub repo id")
+    p.add_argument("--decoder", required=True, help="GPT-2 checkpoint folder or hub repo id")
+    p.add_argument("--output_dir", "--output-dir", dest="output_dir", required=True)
+    p.add_argument("--seed", type=int, default=0, help="seed of the new cross-attention weights")
+    p.add_argument("--revision", help="hub revision (branch, tag or commit) of both")
+    p.add_argument("--cache_dir", "--cache-dir", dest="cache_dir", help="huggingface_hub cache")
 
 
 def _add_predict(sub) -> None:
@@ -60,6 +98,12 @@ def _add_predict(sub) -> None:
     p.add_argument("--gallery-size", type=int, default=1000, help="images shown in gallery.html")
     p.add_argument("--revision", help="hub revision (branch, tag or commit)")
     p.add_argument("--cache-dir", help="huggingface_hub cache folder")
+    p.add_argument("--model_class", "--model-class", dest="model_class", help=MODEL_CLASS_HELP)
+
+
+MODEL_CLASS_HELP = (
+    "FILE.py:Class or module:Class: the edited architecture the checkpoint was trained with"
+)
 
 
 def _predict(args: argparse.Namespace) -> None:
@@ -77,6 +121,7 @@ def _predict(args: argparse.Namespace) -> None:
         cache_dir=args.cache_dir,
         limit=args.limit,
         gallery_size=args.gallery_size,
+        model_class=args.model_class,
     )
     print(
         f"captioned {summary['captioned']} images, skipped {summary['skipped']} "
@@ -97,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("dst", help="output folder")
         p.add_argument("--revision", help="hub revision (branch, tag or commit)")
         p.add_argument("--cache-dir", help="huggingface_hub cache folder")
+        p.add_argument("--model_class", "--model-class", dest="model_class", help=MODEL_CLASS_HELP)
+    _add_compose(sub)
     _add_predict(sub)
     from nnx_caption.loop import build_parser as add_train_flags
 
@@ -113,10 +160,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _log_to_stderr() -> None:
+    """The package's own log lines (e.g. what a checkpoint load did) on stderr."""
+    logger = logging.getLogger("nnx_caption")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("[nnx-caption] %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _log_to_stderr()
     try:
-        if args.command in ("convert", "export"):
+        if args.command == "compose":
+            _compose(args)
+        elif args.command in ("convert", "export"):
             _rewrite(args, "nnx" if args.command == "convert" else "hf")
         elif args.command == "predict":
             _predict(args)
@@ -128,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
             from nnx_caption.loop import args_from_namespace, run
 
             run(args_from_namespace(args, argv if argv is not None else sys.argv[1:]))
-    except (CheckpointError, ConfigError, UsageError, DataError) as err:
+    except (CheckpointError, ConfigError, UsageError, DataError, ModelClassError) as err:
         print(f"nnx-caption {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from nnx_caption.layers import ACTIVATIONS
+from nnx_caption.layers import ACTIVATIONS, Execution
 
 
 class ConfigError(ValueError):
@@ -61,6 +61,7 @@ class GPT2Config:
     scale_attn_by_inverse_layer_idx: bool = False
     reorder_and_upcast_attn: bool = False
     tie_word_embeddings: bool = True
+    initializer_range: float = 0.02  # std of new weights (transformers' _init_weights)
     bos_token_id: int | None = 50256
     eos_token_id: int | None = 50256
 
@@ -99,6 +100,9 @@ class CaptionConfig:
     pad_token_id: int = 50256
     eos_token_id: int = 50256
     generation: GenerationConfig = field(default_factory=GenerationConfig)
+    # How the blocks run (scan over layers, remat): part of what the model is built from, so
+    # nothing mutates a built model; never written to config.json. See layers.Execution.
+    execution: Execution = field(default_factory=Execution)
 
     @property
     def needs_enc_to_dec_proj(self) -> bool:
@@ -125,8 +129,8 @@ class CaptionConfig:
             raise ConfigError("decoder.add_cross_attention is false: the decoder must cross-attend")
         if dec.get("cross_attention_hidden_size") not in (None, enc.get("hidden_size")):
             raise ConfigError("decoder.cross_attention_hidden_size must equal encoder.hidden_size")
-        encoder = _pick(ViTConfig, enc, "encoder")
-        decoder = _pick(GPT2Config, dec, "decoder")
+        encoder = pick_fields(ViTConfig, enc, "encoder")
+        decoder = pick_fields(GPT2Config, dec, "decoder")
         eos = _first(hf.get("eos_token_id"), decoder.eos_token_id)
         start = _first(hf.get("decoder_start_token_id"), decoder.bos_token_id)
         pad = _first(hf.get("pad_token_id"), dec.get("pad_token_id"), eos)
@@ -140,7 +144,7 @@ class CaptionConfig:
             decoder_start_token_id=start,
             pad_token_id=pad,
             eos_token_id=eos,
-            generation=_pick(GenerationConfig, gen_src, "generation_config"),
+            generation=pick_fields(GenerationConfig, gen_src, "generation_config"),
         )
         config.validate()
         return config
@@ -207,7 +211,7 @@ def _first(*values: Any) -> Any:
     return next((v for v in values if v is not None), None)
 
 
-def _pick(cls: type, src: dict[str, Any], where: str) -> Any:
+def pick_fields(cls: type, src: dict[str, Any], where: str) -> Any:
     """Copies the fields `cls` knows from an HF dict, checking their types."""
     kwargs = {}
     for f in dataclasses.fields(cls):
@@ -228,16 +232,16 @@ def _pick(cls: type, src: dict[str, Any], where: str) -> Any:
 def read_config(directory: str | os.PathLike) -> CaptionConfig:
     """Reads config.json (and generation_config.json when present) from a checkpoint folder."""
     path = os.path.join(directory, "config.json")
-    hf = _read_json(path)
+    hf = read_json(path)
     gen_path = os.path.join(directory, "generation_config.json")
-    generation = _read_json(gen_path) if os.path.exists(gen_path) else None
+    generation = read_json(gen_path) if os.path.exists(gen_path) else None
     try:
         return CaptionConfig.from_hf(hf, generation)
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None
 
 
-def _read_json(path: str) -> dict[str, Any]:
+def read_json(path: str) -> dict[str, Any]:
     if not os.path.exists(path):
         raise ConfigError(f"{path} is missing: a checkpoint folder needs its config.json")
     try:

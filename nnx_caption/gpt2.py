@@ -1,10 +1,16 @@
 """GPT-2 decoder with cross-attention (Hugging Face GPT2LMHeadModel with add_cross_attention).
 
-Each block: x += self_attn(ln_1(x)); x += cross_attn(ln_cross_attn(x), image); x += mlp(ln_2(x)).
+Each block: x += self_attn(ln_1(x)); x += cross_attn(ln_cross(x), image); x += mlp(ln_2(x)).
 The LM head is the token embedding itself (one array, shared), unless the config unties it.
+Shapes use the legend in layers.py. One path serves training and decoding: every call returns
+(logits, cache), the cache being None when none was given.
 """
 
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -24,149 +30,200 @@ from nnx_caption.layers import (
 )
 from nnx_caption.sharding import constrain
 
-
-def attention_scale(cfg: GPT2Config, layer: int) -> float:
-    scale = cfg.head_dim**-0.5 if cfg.scale_attn_weights else 1.0
-    if cfg.scale_attn_by_inverse_layer_idx:
-        scale /= float(layer + 1)
-    return scale
-
-
-# Keys and values of one layer, heads-first: each (N, heads, length, head_dim). Decoding keeps
-# its self-attention cache (length = max_length) and the image's cross-attention K/V in it.
+# Keys and values of one layer, heads-first: each (N, H, S, D). Decoding keeps its
+# self-attention cache (S = max_length) and the image's cross-attention K/V (S = image tokens,
+# N = B: one per image) in it.
 KV = tuple[jax.Array, jax.Array]
 
 
+@dataclass(frozen=True)
+class Scale:
+    """GPT-2's attention scale, from the layer index given at call time (a traced int under
+    scan over layers), so that no block stores a per-layer constant."""
+
+    base: float  # 1 / sqrt(head_dim), or 1 without scale_attn_weights
+    by_layer: bool  # scale_attn_by_inverse_layer_idx: also divided by layer + 1
+
+    @classmethod
+    def of(cls, cfg: GPT2Config) -> Scale:
+        base = cfg.head_dim**-0.5 if cfg.scale_attn_weights else 1.0
+        return cls(base, cfg.scale_attn_by_inverse_layer_idx)
+
+    def __call__(self, layer: jax.Array | int) -> jax.Array | float:
+        return self.base / (layer + 1) if self.by_layer else self.base
+
+
+def _init_stds(cfg: GPT2Config) -> tuple[float, float]:
+    """transformers' GPT-2 init: normal(0, initializer_range) weights, and the projections back
+    into the residual stream (every c_proj) at initializer_range / sqrt(2 * n_layer)."""
+    return cfg.initializer_range, cfg.initializer_range / math.sqrt(2 * cfg.n_layer)
+
+
 class SelfAttention(nnx.Module):
-    def __init__(self, cfg: GPT2Config, layer: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: GPT2Config, *, dtype, param_dtype, rngs: nnx.Rngs):
         e, h, d = cfg.n_embd, cfg.n_head, cfg.head_dim
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.qkv = Dense(e, (3, h, d), ("embed", None, "heads", "kv"), **kw)  # HF c_attn
-        self.o = Dense((h, d), e, ("heads", "kv", "embed"), **kw)  # HF c_proj
-        self.scale = attention_scale(cfg, layer)
+        std, proj_std = _init_stds(cfg)
+        kw = dict(dtype=dtype, param_dtype=param_dtype, lora_target=True, rngs=rngs)
+        self.qkv = Dense(e, (3, h, d), ("embed", None, "heads", "kv"), init_std=std, **kw)  # c_attn
+        self.o = Dense((h, d), e, ("heads", "kv", "embed"), init_std=proj_std, **kw)  # c_proj
+        self.scale = Scale.of(cfg)
         self.upcast = cfg.reorder_and_upcast_attn
         self.dropout_rate = cfg.attn_pdrop
 
     def __call__(
         self,
         x: jax.Array,
+        layer: jax.Array | int,
         mask: jax.Array,
         rngs: nnx.Rngs | None,
         cache: KV | None = None,
         start: jax.Array | int = 0,
-    ) -> tuple[jax.Array, KV | None]:
-        """With a cache, x holds the tokens at positions start.. and attends to the cache."""
-        qkv = self.qkv(x)
+    ) -> tuple[KV | None, jax.Array]:
+        """x (N, T, E): the tokens at positions start..; with a cache they are written into it
+        and attend to all of it. Returns (updated cache, (N, T, E))."""
+        qkv = self.qkv(x)  # (N, T, 3, H, D)
         q, k, v = qkv[:, :, 0], heads_first(qkv[:, :, 1]), heads_first(qkv[:, :, 2])
         if cache is not None:
             at = (0, 0, start, 0)
-            k = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), at)
+            k = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), at)  # (N,H,S,D)
             v = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), at)
             cache = (k, v)
         out = attention(
-            q, k, v, mask, self.scale, upcast=self.upcast, dropout_rate=self.dropout_rate, rngs=rngs
-        )
-        return self.o(out), cache
+            q,
+            k,
+            v,
+            mask,
+            self.scale(layer),
+            upcast=self.upcast,
+            dropout_rate=self.dropout_rate,
+            rngs=rngs,
+        )  # (N, T, H, D)
+        return cache, self.o(out)
 
 
 class CrossAttention(nnx.Module):
-    def __init__(self, cfg: GPT2Config, layer: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: GPT2Config, *, dtype, param_dtype, rngs: nnx.Rngs):
         e, h, d = cfg.n_embd, cfg.n_head, cfg.head_dim
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.q = Dense(e, (h, d), ("embed", "heads", "kv"), **kw)  # HF q_attn
-        self.kv = Dense(e, (2, h, d), ("embed", None, "heads", "kv"), **kw)  # HF c_attn
-        self.o = Dense((h, d), e, ("heads", "kv", "embed"), **kw)  # HF c_proj
-        self.scale = attention_scale(cfg, layer)
+        std, proj_std = _init_stds(cfg)
+        kw = dict(dtype=dtype, param_dtype=param_dtype, lora_target=True, rngs=rngs)
+        self.q = Dense(e, (h, d), ("embed", "heads", "kv"), init_std=std, **kw)  # HF q_attn
+        self.kv = Dense(e, (2, h, d), ("embed", None, "heads", "kv"), init_std=std, **kw)  # c_attn
+        self.o = Dense((h, d), e, ("heads", "kv", "embed"), init_std=proj_std, **kw)  # HF c_proj
+        self.scale = Scale.of(cfg)
         self.upcast = cfg.reorder_and_upcast_attn
         self.dropout_rate = cfg.attn_pdrop
 
     def image_kv(self, image: jax.Array) -> KV:
-        """The image states' keys and values, computed once per image."""
-        kv = self.kv(image)
+        """image (B, S, E) encoder states -> their keys and values, computed once per image."""
+        kv = self.kv(image)  # (B, S, 2, H, D)
         return heads_first(kv[:, :, 0]), heads_first(kv[:, :, 1])
 
-    def __call__(self, x: jax.Array, kv: KV, rngs: nnx.Rngs | None) -> jax.Array:
-        """kv: image_kv(image states). x may hold several rows per image (beams, returned
-        sequences), image-major: those rows share one K/V instead of a copy each.
-        Cross-attention has no mask, so the rows of an image fold into its query axis and the
-        result is exact."""
+    def __call__(
+        self, x: jax.Array, layer: jax.Array | int, kv: KV, rngs: nnx.Rngs | None
+    ) -> jax.Array:
+        """x (N, T, E), N a multiple of the B images in kv: the rows of an image (beams,
+        captions) are adjacent and share its one K/V instead of a copy each. Cross-attention has
+        no mask, so the rows of an image fold into its query axis and the result is exact."""
         n, t = x.shape[:2]
         images, heads, _, head_dim = kv[0].shape
-        q = self.q(x).reshape(images, -1, heads, head_dim)  # (images, rows * t, H, D)
+        q = self.q(x).reshape(images, -1, heads, head_dim)  # (B, N / B * T, H, D)
         out = attention(
             q,
             kv[0],
             kv[1],
             None,
-            self.scale,
+            self.scale(layer),
             upcast=self.upcast,
             dropout_rate=self.dropout_rate,
             rngs=rngs,
         )
-        return self.o(out.reshape(n, t, *out.shape[2:]))
+        return self.o(out.reshape(n, t, *out.shape[2:]))  # (N, T, E)
 
 
 class GPT2Block(nnx.Module):
-    def __init__(self, cfg: GPT2Config, layer: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: GPT2Config, *, dtype, param_dtype, rngs: nnx.Rngs):
+        std, proj_std = _init_stds(cfg)
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         e, eps = cfg.n_embd, cfg.layer_norm_epsilon
         self.ln_1 = LayerNorm(e, eps, param_dtype=param_dtype)
-        self.attn = SelfAttention(cfg, layer, **kw)
+        self.attn = SelfAttention(cfg, **kw)
         self.ln_cross = LayerNorm(e, eps, param_dtype=param_dtype)
-        self.cross = CrossAttention(cfg, layer, **kw)
+        self.cross = CrossAttention(cfg, **kw)
         self.ln_2 = LayerNorm(e, eps, param_dtype=param_dtype)
-        self.mlp = MLP(e, cfg.inner_size, cfg.activation_function, **kw)
+        self.mlp = MLP(
+            e, cfg.inner_size, cfg.activation_function, init_std=std, proj_std=proj_std, **kw
+        )
         self.dropout_rate = cfg.resid_pdrop
+
+    def image_kv(self, image: jax.Array) -> Any:
+        """What this block reads of the image states (B, S, E), computed once per image and
+        passed back to every call as `image_kv`: here the cross-attention's K/V."""
+        return self.cross.image_kv(image)
 
     def __call__(
         self,
         x: jax.Array,
-        cross_kv: KV,
+        layer: jax.Array | int,
+        image_kv: Any,
         mask: jax.Array,
         rngs: nnx.Rngs | None,
         cache: KV | None = None,
         start: jax.Array | int = 0,
-    ) -> tuple[jax.Array, KV | None]:
-        h, cache = self.attn(self.ln_1(x), mask, rngs, cache, start)
+    ) -> tuple[KV | None, jax.Array]:
+        """x (N, T, E) -> (updated cache, (N, T, E))."""
+        cache, h = self.attn(self.ln_1(x), layer, mask, rngs, cache, start)
         x = x + dropout(h, self.dropout_rate, rngs)
-        x = x + dropout(self.cross(self.ln_cross(x), cross_kv, rngs), self.dropout_rate, rngs)
+        h = self.cross(self.ln_cross(x), layer, image_kv, rngs)
+        x = x + dropout(h, self.dropout_rate, rngs)
         x = x + dropout(self.mlp(self.ln_2(x)), self.dropout_rate, rngs)
-        return constrain(x, ("batch", "seq", "act_embed")), cache
+        return cache, constrain(x, ("batch", "seq", "act_embed"))
 
 
 class GPT2(nnx.Module):
-    def __init__(self, cfg: GPT2Config, *, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    block_cls = GPT2Block  # a subclass swaps in its own block here
+
+    def __init__(
+        self,
+        cfg: GPT2Config,
+        *,
+        execution: Execution | None = None,
+        dtype=None,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        e = cfg.n_embd
+        e, std = cfg.n_embd, cfg.initializer_range
         self.cfg = cfg
         self.wte = nnx.Param(
-            0.02 * jax.random.normal(rngs.params(), (cfg.vocab_size, e), param_dtype),
+            std * jax.random.normal(rngs.params(), (cfg.vocab_size, e), param_dtype),
             axes=("vocab", "embed"),
         )
         self.wpe = nnx.Param(
-            0.01 * jax.random.normal(rngs.params(), (cfg.n_positions, e), param_dtype),
+            std * jax.random.normal(rngs.params(), (cfg.n_positions, e), param_dtype),
             axes=(None, "embed"),
         )
-        self.blocks = nnx.List([GPT2Block(cfg, i, **kw) for i in range(cfg.n_layer)])
+        self.blocks = nnx.List([self.block_cls(cfg, **kw) for _ in range(cfg.n_layer)])
         self.ln_f = LayerNorm(e, cfg.layer_norm_epsilon, param_dtype=param_dtype)
         self.lm_head = (
             None
             if cfg.tie_word_embeddings
-            else Dense(e, cfg.vocab_size, ("embed", "vocab"), use_bias=False, **kw)
+            else Dense(e, cfg.vocab_size, ("embed", "vocab"), use_bias=False, init_std=std, **kw)
         )
         self.dtype = dtype
-        self.execution = Execution()  # scan / remat, set by training (TrainConfig)
+        # scan / remat: how the blocks run, never what they compute (CaptionConfig.execution)
+        self.execution = execution or Execution()
 
     @property
     def compute_dtype(self) -> jnp.dtype:
         return self.dtype or self.wte[...].dtype
 
-    def cross_kv(self, image: jax.Array) -> list[KV]:
-        """Each layer's cross-attention K/V of the image states, projected once per image."""
+    def cross_kv(self, image: jax.Array) -> list[Any]:
+        """Every block's image_kv of the image states (B, S, E), projected once per image."""
         image = image.astype(self.compute_dtype)
-        return [block.cross.image_kv(image) for block in self.blocks]
+        return [block.image_kv(image) for block in self.blocks]
 
     def init_cache(self, rows: int, max_len: int) -> list[KV]:
+        """An empty self-attention cache: per layer, K and V of shape (N, H, max_len, D)."""
         shape = (rows, self.cfg.n_head, max_len, self.cfg.head_dim)
         zeros = jnp.zeros(shape, self.compute_dtype)
         return [(zeros, zeros) for _ in self.blocks]
@@ -178,44 +235,42 @@ class GPT2(nnx.Module):
         mask: jax.Array | None = None,
         rngs: nnx.Rngs | None = None,
         *,
-        cross_kv: list[KV] | None = None,
+        cross_kv: list[Any] | None = None,
         cache: list[KV] | None = None,
         start: jax.Array | int = 0,
-    ) -> jax.Array | tuple[jax.Array, list[KV]]:
-        """ids (N, T) -> logits (N, T, vocab).
+    ) -> tuple[jax.Array, list[KV] | None]:
+        """ids (N, T), the tokens at positions start.. -> (logits (N, T, V) float32, cache).
 
-        Training and scoring pass `image` (images, S, n_embd) encoder states, N / images rows
-        per image (image-major), and `mask` (N, T), 1 for real tokens. Decoding passes
-        `cross_kv` (from `cross_kv(image)`, one per image) and `cache` (from `init_cache`),
-        ids being the tokens at positions start..; it then returns (logits, updated cache).
+        The image comes as `image` (B, S, E) encoder states, N / B rows per image
+        (image-major), or as `cross_kv` (from `cross_kv(image)`, computed once per image).
+        `mask` (N, T) is 1 for real tokens. Training and scoring pass no cache: every position
+        attends causally to the others. Decoding passes `cache` (from `init_cache`): the tokens
+        are written into it and attend to all of it, and the updated cache is returned.
         """
         t = ids.shape[1]
         positions = start + jnp.arange(t)
         if cache is None and t > self.cfg.n_positions:
             raise ValueError(f"{t} decoder tokens exceed n_positions={self.cfg.n_positions}")
         wte = self.wte[...]
-        x = jnp.take(wte, ids, axis=0) + jnp.take(self.wpe[...], positions, axis=0)
+        x = jnp.take(wte, ids, axis=0) + jnp.take(self.wpe[...], positions, axis=0)  # (N, T, E)
         x = dropout(x.astype(self.compute_dtype), self.cfg.embd_pdrop, rngs)
         x = constrain(x, ("batch", "seq", "act_embed"))
         keys = t if cache is None else cache[0][0].shape[2]
-        attend = (jnp.arange(keys)[None, :] <= positions[:, None])[None, None]  # causal
+        attend = (jnp.arange(keys)[None, :] <= positions[:, None])[None, None]  # (1, 1, T, S)
         if mask is not None:
             attend = attend & mask.astype(bool)[:, None, None, :]
-        if cache is None:  # training / scoring: every position at once
-            image = None if image is None else image.astype(self.compute_dtype)
+        if cross_kv is None:
+            image = image.astype(self.compute_dtype)
+        n = len(self.blocks)
+        per_layer = list(zip(cross_kv or [None] * n, cache or [None] * n, strict=True))
 
-            def layer(block: GPT2Block, x: jax.Array, kv: KV | None, rngs) -> jax.Array:
-                kv = block.cross.image_kv(image) if kv is None else kv
-                return block(x, kv, attend, rngs)[0]
+        def layer(block: GPT2Block, x: jax.Array, i, extra, rngs) -> tuple[KV | None, jax.Array]:
+            image_kv, layer_cache = extra
+            if image_kv is None:  # projected inside the layer: under scan, one layer's at a time
+                image_kv = block.image_kv(image)
+            return block(x, i, image_kv, attend, rngs, layer_cache, start)
 
-            x = run_blocks(self.blocks, layer, x, rngs, self.execution, cross_kv)
-        else:  # decoding: the tokens at positions start.., against the cache
-            if cross_kv is None:
-                cross_kv = self.cross_kv(image)
-            new_cache = []
-            for block, kv, layer_cache in zip(self.blocks, cross_kv, cache, strict=True):
-                x, layer_cache = block(x, kv, attend, rngs, layer_cache, start)
-                new_cache.append(layer_cache)
+        x, new_cache = run_blocks(self.blocks, layer, x, rngs, self.execution, per_layer)
         x = self.ln_f(x)
         # Logits come out in float32 whatever the compute dtype: the loss and the search's
         # log-softmax want them there, and the matmul accumulates in float32 anyway.
@@ -223,7 +278,7 @@ class GPT2(nnx.Module):
             logits = contract(x, self.lm_head.kernel[...], 1, x.dtype)
         else:  # tied: the embedding table is the output projection
             logits = jnp.einsum(
-                "bte,ve->btv", x, wte.astype(x.dtype), preferred_element_type=jnp.float32
+                "nte,ve->ntv", x, wte.astype(x.dtype), preferred_element_type=jnp.float32
             )
         logits = constrain(logits, ("batch", "seq", "act_vocab"))
-        return logits if cache is None else (logits, new_cache)
+        return logits, (None if cache is None else new_cache)

@@ -7,20 +7,35 @@ layer index. The same table drives loading (HF -> NNX) and saving (NNX -> HF).
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
+import logging
 import math
 import os
 import re
-from collections.abc import Callable
-from dataclasses import dataclass
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
-from nnx_caption.config import CaptionConfig, ConfigError, read_config, write_config
+from nnx_caption.config import (
+    CaptionConfig,
+    ConfigError,
+    GPT2Config,
+    ViTConfig,
+    pick_fields,
+    read_config,
+    read_json,
+    write_config,
+)
+from nnx_caption.edits import class_spec
+from nnx_caption.layers import Execution
 from nnx_caption.model import VisionEncoderDecoder
 from nnx_caption.safetensors_io import (
     FLOAT_DTYPES,
@@ -29,6 +44,8 @@ from nnx_caption.safetensors_io import (
     write_safetensors,
 )
 from nnx_caption.sharding import param_sharding, place
+
+logger = logging.getLogger("nnx_caption")
 
 
 @dataclass(frozen=True)
@@ -93,8 +110,8 @@ TABLE: list[tuple[str, str, Transform]] = [
         "encoder.embeddings.patch.bias",
         IDENTITY,
     ),
-    (_VIT + "layernorm_before.weight", "encoder.blocks.{i}.ln1.scale", IDENTITY),
-    (_VIT + "layernorm_before.bias", "encoder.blocks.{i}.ln1.bias", IDENTITY),
+    (_VIT + "layernorm_before.weight", "encoder.blocks.{i}.ln_1.scale", IDENTITY),
+    (_VIT + "layernorm_before.bias", "encoder.blocks.{i}.ln_1.bias", IDENTITY),
     (_VIT + "attention.attention.query.weight", "encoder.blocks.{i}.attn.q.kernel", linear(1)),
     (_VIT + "attention.attention.query.bias", "encoder.blocks.{i}.attn.q.bias", FLAT),
     (_VIT + "attention.attention.key.weight", "encoder.blocks.{i}.attn.k.kernel", linear(1)),
@@ -103,8 +120,8 @@ TABLE: list[tuple[str, str, Transform]] = [
     (_VIT + "attention.attention.value.bias", "encoder.blocks.{i}.attn.v.bias", FLAT),
     (_VIT + "attention.output.dense.weight", "encoder.blocks.{i}.attn.o.kernel", linear(2)),
     (_VIT + "attention.output.dense.bias", "encoder.blocks.{i}.attn.o.bias", IDENTITY),
-    (_VIT + "layernorm_after.weight", "encoder.blocks.{i}.ln2.scale", IDENTITY),
-    (_VIT + "layernorm_after.bias", "encoder.blocks.{i}.ln2.bias", IDENTITY),
+    (_VIT + "layernorm_after.weight", "encoder.blocks.{i}.ln_2.scale", IDENTITY),
+    (_VIT + "layernorm_after.bias", "encoder.blocks.{i}.ln_2.bias", IDENTITY),
     (_VIT + "intermediate.dense.weight", "encoder.blocks.{i}.mlp.fc.kernel", linear(1)),
     (_VIT + "intermediate.dense.bias", "encoder.blocks.{i}.mlp.fc.bias", IDENTITY),
     (_VIT + "output.dense.weight", "encoder.blocks.{i}.mlp.proj.kernel", linear(1)),
@@ -153,15 +170,15 @@ HF_INDEX = "model.safetensors.index.json"
 NNX_WEIGHTS = "nnx_model.safetensors"  # converted layout: keys are NNX paths
 NNX_FORMAT = {"format": "nnx-caption"}
 PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
-AUX_FILES = (
+TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
     "vocab.json",
     "merges.txt",
     "added_tokens.json",
-    "preprocessor_config.json",
 )
+AUX_FILES = (*TOKENIZER_FILES, "preprocessor_config.json")  # travel with the weights
 
 
 def _compile(template: str) -> re.Pattern:
@@ -181,6 +198,9 @@ class WeightMap:
             if m := hf_re.match(hf_name):
                 return nnx_tpl.replace("{i}", m.groupdict().get("i") or ""), transform
         return None
+
+    def has_hf_name(self, nnx_path: str) -> bool:
+        return any(nnx_re.match(nnx_path) for _, nnx_re, _, _, _ in self.rows)
 
     def to_hf(self, nnx_path: str) -> tuple[str, Transform]:
         for _, nnx_re, hf_tpl, _, transform in self.rows:
@@ -261,75 +281,196 @@ def weight_files(directory: str) -> tuple[str, list[str]]:
     raise CheckpointError(f"{directory}: no {HF_WEIGHTS}, {HF_INDEX} or {NNX_WEIGHTS} found")
 
 
+def path_str(path: tuple) -> str:
+    """An NNX state path as the dotted name that new_params, --trainable and --freeze match."""
+    return ".".join(map(str, path))
+
+
 def abstract_model(
-    config: CaptionConfig, dtype=None, param_dtype=jnp.float32
+    config: CaptionConfig,
+    dtype=None,
+    param_dtype=jnp.float32,
+    model_cls: type[nnx.Module] = VisionEncoderDecoder,
 ) -> tuple[nnx.GraphDef, dict[str, nnx.Variable], nnx.State]:
-    """The model's structure, its parameters by NNX path (shapes only, nothing allocated)
-    and the state holding them, to be filled and merged."""
+    """The model's structure, its variables by NNX path (shapes only, nothing allocated) and the
+    state holding them, to be filled and merged."""
     model = nnx.eval_shape(
-        lambda: VisionEncoderDecoder(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0))
+        lambda: model_cls(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0))
     )
     graphdef, state = nnx.split(model)
-    flat = {".".join(map(str, path)): var for path, var in nnx.to_flat_state(state)}
+    flat = {path_str(path): var for path, var in nnx.to_flat_state(state)}
     return graphdef, flat, state
 
 
-def load_weights(
-    files: list[str], layout: str, config: CaptionConfig, params: dict[str, nnx.Variable], mesh=None
-) -> None:
-    """Streams every tensor of `files` into `params` (NNX path -> abstract Variable), in place.
+@dataclass
+class LoadReport:
+    """What a load did, by NNX path (file keys for `ignored`)."""
 
-    Strict: an unexpected tensor, a shape or dtype mismatch and a missing parameter are errors
-    naming the file and key.
+    loaded: list[str] = field(default_factory=list)  # from the checkpoint
+    new: list[str] = field(default_factory=list)  # model_cls's initial values (new_params)
+    ignored: list[str] = field(default_factory=list)  # file keys skipped by name
+
+    def __str__(self) -> str:
+        def names(items: list[str]) -> str:
+            return f": {listing(items)}" if items else ""
+
+        return (
+            f"loaded {len(self.loaded)} tensors; new {len(self.new)}{names(self.new)}; "
+            f"ignored {len(self.ignored)}{names(self.ignored)}"
+        )
+
+
+def listing(names: Sequence[str], most: int = 8) -> str:
+    """The first `most` names, comma-separated, with ' ...' when there are more."""
+    return ", ".join(names[:most]) + (" ..." if len(names) > most else "")
+
+
+# A checkpoint key -> the VisionEncoderDecoder HF name it stands for, or None to ignore it.
+Rename = Callable[[str], "str | None"]
+
+
+class Loader:
+    """Streams checkpoint files into a model's abstract variables, strictly. Parameters that a
+    new_params pattern declares new (and state that is not weights) take their initial values
+    from `init(paths) -> {path: array}` first, while nothing else is in memory, so that init's
+    temporaries never add to the loaded model's peak; a file holding one still wins.
+
+    Strict: an unexpected tensor, a shape or dtype mismatch and an undeclared missing
+    parameter are errors naming the file and key.
     """
-    weights = WeightMap(config)
-    source: dict[str, tuple[str, str]] = {}  # NNX path -> (file, key) it was loaded from
-    for file in files:
+
+    def __init__(
+        self,
+        config: CaptionConfig,
+        variables: dict[str, nnx.Variable],
+        mesh=None,
+        new_params: Sequence[str] = (),
+        init: Callable[[list[str]], dict[str, jax.Array]] | None = None,
+    ):
+        self.weights = WeightMap(config)
+        self.params = {p: v for p, v in variables.items() if issubclass(v.type, nnx.Param)}
+        self.mesh = mesh
+        self.source: dict[str, tuple[str, str]] = {}  # NNX path -> (file, key) it came from
+        self.report = LoadReport()
+        self.patterns = [re.compile(p) for p in new_params]
+        for pattern in self.patterns:
+            if not any(pattern.fullmatch(p) for p in self.params):
+                examples = ", ".join(list(self.params)[-3:])
+                raise CheckpointError(
+                    f"new_params pattern {pattern.pattern!r} matches no parameter of the model "
+                    f"(patterns match whole NNX paths, e.g. {examples})"
+                )
+        self.declared = [p for p in self.params if any(r.fullmatch(p) for r in self.patterns)]
+        # Other state (buffers, RNG counters) is not weights: always model_cls's initial value.
+        fill = self.declared + [p for p in variables if p not in self.params]
+        if fill:
+            for path, value in init(fill).items():
+                variables[path].set_value(value)
+
+    def read(self, file: str, layout: str, rename: Rename | None = None, hint: str = "") -> None:
         with SafetensorsReader(file) as reader:
             if layout == "nnx" and reader.metadata.get("format") != NNX_FORMAT["format"]:
                 raise CheckpointError(f"{file}: not an nnx-caption converted checkpoint")
+            saved_from = reader.metadata.get("model_class")
             for key in reader.entries:
-                if layout == "hf" and IGNORED.fullmatch(key):
+                name = key if rename is None else rename(key)
+                if name is None or (layout == "hf" and IGNORED.fullmatch(name)):
+                    self.report.ignored.append(key)
                     continue
-                found = (key, IDENTITY) if layout == "nnx" else weights.to_nnx(key)
-                var = params.get(found[0]) if found else None
+                found = (name, IDENTITY) if layout == "nnx" else self.weights.to_nnx(name)
+                var = self.params.get(found[0]) if found else None
                 if var is None:
+                    why = (
+                        f"; it was saved from {saved_from}: pass model_cls / --model_class"
+                        if saved_from
+                        else hint or " (wrong architecture or layer count?)"
+                    )
                     raise CheckpointError(
                         f"{file}: unexpected tensor {key!r}: the model built from config.json "
-                        "has no such parameter (wrong architecture or layer count?)"
+                        f"has no such parameter{why}"
                     )
-                path, transform = found
-                want = transform.hf_shape(tuple(var.shape))
-                if reader.shape(key) != want:
-                    raise CheckpointError(
-                        f"{file}: tensor {key!r} has shape {reader.shape(key)}, but config.json "
-                        f"implies {want}"
-                    )
-                if reader.dtype_name(key) not in FLOAT_DTYPES:
-                    raise CheckpointError(
-                        f"{file}: tensor {key!r} has dtype "
-                        f"{reader.dtype_name(key)}; weights must be floating"
-                    )
-                array = transform.to_nnx(reader.read(key), tuple(var.shape)).astype(var.dtype)
-                if path in source:  # a tied head stored twice: both copies must agree
-                    if not np.array_equal(np.asarray(var[...]), array):
-                        raise CheckpointError(
-                            f"{file}: {key!r} differs from {source[path][1]!r}, but the config "
-                            "ties the LM head to the token embedding (tie_word_embeddings)"
-                        )
-                    continue
-                if mesh is None:
-                    var.set_value(jax.device_put(array))
-                else:
-                    var.set_value(place(array, param_sharding(var, mesh)))
-                source[path] = (file, key)
-    missing = [p for p in params if p not in source]
-    if missing:
-        names = [p if layout == "nnx" else weights.to_hf(p)[0] for p in missing]
-        raise CheckpointError(
-            f"{', '.join(files)}: missing {len(missing)} tensor(s): "
-            f"{', '.join(names[:8])}{' ...' if len(names) > 8 else ''}"
-        )
+                self._put(file, key, reader, *found, var)
+
+    def _put(self, file, key, reader, path: str, transform: Transform, var) -> None:
+        want = transform.hf_shape(tuple(var.shape))
+        if reader.shape(key) != want:
+            raise CheckpointError(
+                f"{file}: tensor {key!r} has shape {reader.shape(key)}, but config.json "
+                f"implies {want}"
+            )
+        if reader.dtype_name(key) not in FLOAT_DTYPES:
+            raise CheckpointError(
+                f"{file}: tensor {key!r} has dtype {reader.dtype_name(key)}; weights must be "
+                "floating"
+            )
+        array = transform.to_nnx(reader.read(key), tuple(var.shape)).astype(var.dtype)
+        if path in self.source:  # a tied head stored twice: both copies must agree
+            if not np.array_equal(np.asarray(var[...]), array):
+                raise CheckpointError(
+                    f"{file}: {key!r} differs from {self.source[path][1]!r}, but the config "
+                    "ties the LM head to the token embedding (tie_word_embeddings)"
+                )
+            return
+        sharding = None if self.mesh is None else param_sharding(var, self.mesh)
+        var.set_value(jax.device_put(array) if sharding is None else place(array, sharding))
+        self.source[path] = (file, key)
+        self.report.loaded.append(path)
+
+    def finish(self, where: str) -> LoadReport:
+        """Checks that every parameter came from a file or was declared new."""
+        missing = [p for p in self.params if p not in self.source]
+        undeclared = [p for p in missing if p not in self.declared]
+        if undeclared:
+            names = [self._describe(p) for p in undeclared]
+            raise CheckpointError(
+                f"{where}: missing {len(undeclared)} tensor(s): "
+                f"{listing(names)}. If the model class "
+                "adds them (an edited architecture), declare them new: new_params=(REGEX, ...) "
+                "(CLI: --new_params REGEX), matching whole NNX paths; they then keep the model "
+                "class's initial values"
+            )
+        self.report.new = missing
+        return self.report
+
+    def _describe(self, path: str) -> str:
+        try:
+            return f"{path} (HF {self.weights.to_hf(path)[0]})"
+        except KeyError:
+            return f"{path} (no HF name)"
+
+
+def initial_values(
+    model_cls, config: CaptionConfig, dtype, param_dtype, seed: int, variables, mesh=None
+) -> Callable[[list[str]], dict[str, jax.Array]]:
+    """`init(paths)`: those variables' values as model_cls's constructor makes them, from
+    `seed`. One jit of the constructor that returns only them: XLA drops the rest, so no
+    whole random model is ever allocated."""
+
+    def init(paths: list[str]) -> dict[str, jax.Array]:
+        def make():
+            model = model_cls(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(seed))
+            flat = {path_str(p): v for p, v in nnx.to_flat_state(nnx.state(model))}
+            return {p: flat[p][...] for p in paths}
+
+        shardings = None
+        if mesh is not None:
+            replicated = NamedSharding(mesh, PartitionSpec())
+            shardings = {
+                p: param_sharding(variables[p], mesh)
+                if issubclass(variables[p].type, nnx.Param)
+                else replicated
+                for p in paths
+            }
+        # LLVM's optimisations take seconds on the constructor's many random draws and buy
+        # nothing for code that runs once; XLA still drops every value not returned.
+        lowered = jax.jit(make, out_shardings=shardings).lower()
+        return lowered.compile(compiler_options={"xla_backend_optimization_level": 0})()
+
+    return init
+
+
+def _log_report(what: str, report: LoadReport) -> None:
+    logger.info("%s: %s", what, report)
 
 
 def from_pretrained(
@@ -338,6 +479,10 @@ def from_pretrained(
     *,
     param_dtype: jnp.dtype = jnp.float32,
     mesh=None,
+    model_cls: type[nnx.Module] = VisionEncoderDecoder,
+    new_params: Sequence[str] = (),
+    execution: Execution | None = None,
+    seed: int = 0,
     revision: str | None = None,
     cache_dir: str | None = None,
     token: str | None = None,
@@ -346,16 +491,127 @@ def from_pretrained(
 
     `dtype` is the compute dtype (e.g. jnp.bfloat16), None meaning param_dtype; parameters are
     streamed from disk straight into (sharded, when `mesh` is given) device arrays.
+    `model_cls(config, dtype=, param_dtype=, rngs=)` builds the model: VisionEncoderDecoder, a
+    subclass or a replacement. A parameter the checkpoint lacks is an error unless its NNX path
+    fully matches a `new_params` regex: then it keeps model_cls's initial value (from `seed`).
+    `execution` (scan over layers, remat) is how the built model runs its blocks.
     """
     directory = resolve(path_or_repo_id, revision=revision, cache_dir=cache_dir, token=token)
     config = read_config(directory)
+    if execution is not None:
+        config = dataclasses.replace(config, execution=execution)
     layout, files = weight_files(directory)
-    graphdef, params, state = abstract_model(config, dtype, param_dtype)
-    load_weights(files, layout, config, params, mesh)
+    graphdef, variables, state = abstract_model(config, dtype, param_dtype, model_cls)
+    init = initial_values(model_cls, config, dtype, param_dtype, seed, variables, mesh)
+    loader = Loader(config, variables, mesh, new_params, init)
+    for file in files:
+        loader.read(file, layout)
+    _log_report(directory, loader.finish(", ".join(files)))
+    return nnx.merge(graphdef, state)
+
+
+# Composing a captioner from a pretrained ViT and a pretrained GPT-2 ---------------------------
+
+# What transformers' from_encoder_decoder_pretrained adds: cross-attention in every block, and
+# the width projection when the widths differ.
+COMPOSED_NEW = (r"decoder\.blocks\.\d+\.(ln_cross|cross)\..*", r"enc_to_dec_proj\..*")
+
+
+def _encoder_name(key: str) -> str | None:
+    """A ViTModel / ViTForImageClassification key -> its VisionEncoderDecoder name; the pooler
+    and the classifier are not part of the captioner."""
+    key = key.removeprefix("vit.")
+    return None if key.startswith(("pooler.", "classifier.")) else "encoder." + key
+
+
+def _decoder_name(key: str) -> str:
+    """A GPT2LMHeadModel / GPT2Model key (the original gpt2 repo has no prefix) -> its name."""
+    if key == "lm_head.weight":
+        return "decoder.lm_head.weight"
+    return "decoder.transformer." + key.removeprefix("transformer.")
+
+
+def _part_config(directory: str, model_type: str, role: str) -> dict:
+    hf = read_json(os.path.join(directory, "config.json"))
+    if hf.get("model_type") != model_type:
+        raise ConfigError(
+            f"{directory}/config.json: model_type is {hf.get('model_type')!r}; the {role} must "
+            f"be a {model_type!r} checkpoint"
+        )
+    return hf
+
+
+def from_encoder_decoder_pretrained(
+    encoder: str | os.PathLike,
+    decoder: str | os.PathLike,
+    *,
+    seed: int = 0,
+    dtype: jnp.dtype | None = None,
+    param_dtype: jnp.dtype = jnp.float32,
+    revision: str | None = None,
+    cache_dir: str | None = None,
+    token: str | None = None,
+) -> VisionEncoderDecoder:
+    """A captioner from a pretrained ViT (ViTModel or ViTForImageClassification layout) and a
+    pretrained GPT-2 (GPT2LMHeadModel or GPT2Model layout), local folders or hub ids, as
+    transformers' VisionEncoderDecoderModel.from_encoder_decoder_pretrained composes it: every
+    block's cross-attention (and enc_to_dec_proj when the widths differ) is new, initialised
+    from `seed` as transformers initialises it; the loaded parts are the sources' tensors.
+    Token ids as HF's captioning example sets them: decoder_start = the decoder's bos,
+    pad = eos = its eos."""
+    hub = dict(revision=revision, cache_dir=cache_dir, token=token)
+    enc_dir, dec_dir = resolve(encoder, **hub), resolve(decoder, **hub)
+    enc = _part_config(enc_dir, "vit", "encoder")
+    dec = _part_config(dec_dir, "gpt2", "decoder")
+    decoder_cfg = pick_fields(GPT2Config, dec, "decoder")
+    if decoder_cfg.bos_token_id is None or decoder_cfg.eos_token_id is None:
+        raise ConfigError(f"{dec_dir}/config.json: bos_token_id and eos_token_id must be set")
+    config = CaptionConfig(
+        encoder=pick_fields(ViTConfig, enc, "encoder"),
+        decoder=decoder_cfg,
+        decoder_start_token_id=decoder_cfg.bos_token_id,
+        pad_token_id=decoder_cfg.eos_token_id,
+        eos_token_id=decoder_cfg.eos_token_id,
+    )
+    config.validate()
+    graphdef, variables, state = abstract_model(config, dtype, param_dtype)
+    new = COMPOSED_NEW if config.needs_enc_to_dec_proj else COMPOSED_NEW[:1]
+    init = initial_values(VisionEncoderDecoder, config, dtype, param_dtype, seed, variables)
+    loader = Loader(config, variables, new_params=new, init=init)
+    for directory, rename, role in (
+        (enc_dir, _encoder_name, "ViT"),
+        (dec_dir, _decoder_name, "GPT-2"),
+    ):
+        layout, files = weight_files(directory)
+        if layout != "hf":
+            raise CheckpointError(f"{files[0]}: the {role} must be a Hugging Face checkpoint")
+        for file in files:
+            loader.read(file, "hf", rename, hint=f" (not a {role} checkpoint?)")
+    where = f"{enc_dir} + {dec_dir}"
+    _log_report(where, loader.finish(where))
     return nnx.merge(graphdef, state)
 
 
 # Saving --------------------------------------------------------------------------------------
+
+
+def unnamed_params(model: nnx.Module) -> list[str]:
+    """NNX paths of the model's parameters that the weight table gives no Hugging Face name."""
+    weights = WeightMap(model.config)
+    names = [path_str(p) for p, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))]
+    return [n for n in names if not weights.has_hf_name(n)]
+
+
+def copy_aux_files(src: str, dst: str, names: Sequence[str] = AUX_FILES) -> list[str]:
+    """Copies the tokenizer and image-processor files that `src` has into `dst` (a file onto
+    itself is left alone); returns the names copied."""
+    copied = []
+    for name in names:
+        path, target = os.path.join(src, name), os.path.join(dst, name)
+        if os.path.exists(path) and os.path.abspath(path) != os.path.abspath(target):
+            shutil.copyfile(path, target)
+            copied.append(name)
+    return copied
 
 
 def save_pretrained(
@@ -364,20 +620,23 @@ def save_pretrained(
     """Writes config.json, generation_config.json and the weights.
 
     layout "hf": model.safetensors that transformers' VisionEncoderDecoderModel loads (a tied
-    head is stored once, as transformers does); layout "nnx": nnx_model.safetensors keyed by
-    NNX path, loaded without any transform.
+    head is stored once, as transformers does); a model with parameters that have no HF name
+    (an edited architecture, unmerged LoRA adapters) is refused before anything is written.
+    layout "nnx": nnx_model.safetensors keyed by NNX path, for any model;
+    from_pretrained(out_dir, model_cls=type(model)) restores it exactly.
     """
     if layout not in ("hf", "nnx"):
         raise ValueError(f"layout must be 'hf' or 'nnx', got {layout!r}")
-    os.makedirs(out_dir, exist_ok=True)
     config = model.config
     weights = WeightMap(config)
+    unnamed = unnamed_params(model) if layout == "hf" else []
     specs = []
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        name = ".".join(map(str, path))
-        value = var[...]
+        name, value = path_str(path), var[...]
         if layout == "nnx":
             specs.append((name, value.shape, value.dtype, lambda v=value: np.asarray(v)))
+            continue
+        if name in unnamed:
             continue
         hf_name, t = weights.to_hf(name)
         specs.append(
@@ -388,6 +647,17 @@ def save_pretrained(
                 lambda v=value, t=t: t.to_hf(np.asarray(v)),
             )
         )
+    if unnamed:
+        raise CheckpointError(
+            f"{out_dir}: {len(unnamed)} parameter(s) have no Hugging Face name, so transformers "
+            f"could not load them: {listing(unnamed)}. "
+            'Save with layout="nnx" (from_pretrained(dir, model_cls=...) restores it)'
+            + (
+                ", or merge the LoRA adapters first (lora.merge_lora)"
+                if any("lora" in n for n in unnamed)
+                else ""
+            )
+        )
     if layout == "hf":
         # transformers builds the ViT with a pooler that VisionEncoderDecoder never uses; zeros
         # keep its load report free of "MISSING, newly initialized" and the export deterministic.
@@ -396,8 +666,13 @@ def save_pretrained(
             (f"encoder.pooler.dense.{n}", s, np.float32, lambda s=s: np.zeros(s, np.float32))
             for n, s in (("weight", (e, e)), ("bias", (e,)))
         ]
+    os.makedirs(out_dir, exist_ok=True)
     file = NNX_WEIGHTS if layout == "nnx" else HF_WEIGHTS
-    meta = NNX_FORMAT if layout == "nnx" else {"format": "pt"}  # transformers checks "pt"
+    meta = (
+        {**NNX_FORMAT, "model_class": class_spec(type(model))}
+        if layout == "nnx"
+        else {"format": "pt"}  # transformers checks "pt"
+    )
     write_safetensors(os.path.join(out_dir, file), sorted(specs, key=lambda s: s[0]), meta)
     # A folder must not hold both layouts: from_pretrained would pick the NNX file.
     stale = os.path.join(out_dir, HF_WEIGHTS if layout == "nnx" else NNX_WEIGHTS)
@@ -409,7 +684,9 @@ def save_pretrained(
 __all__ = [
     "CheckpointError",
     "ConfigError",
+    "LoadReport",
     "TABLE",
+    "from_encoder_decoder_pretrained",
     "from_pretrained",
     "save_pretrained",
     "resolve",

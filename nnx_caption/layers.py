@@ -1,8 +1,18 @@
 """Building blocks shared by the ViT encoder and the GPT-2 decoder.
 
-Every parameter is an `nnx.Param` with `axes` metadata naming its logical dims (see
-sharding.py). Kernels keep their head structure, (embed, heads, head_dim) rather than
-(embed, embed), so tensor parallelism can split heads without reshuffling.
+Dimension legend, used in shape comments, docstrings and einsum strings across the models:
+    B  images in a batch            N  decoder rows (captions, beams): a multiple of B, image-major
+    T  decoder tokens (queries)     S  keys: image tokens, or the self-attention cache length
+    E  model width                  H  heads            D  head_dim        F  MLP hidden width
+    V  vocabulary                   L  layers
+
+Every parameter is an `nnx.Param` with metadata saying what it is, set here where it is
+created and read by the rules that depend on it (nothing is decided from a parameter's name):
+    axes          logical dims, mapped onto the mesh by sharding.RULES;
+    weight_decay  False for biases and norm parameters (AdamW leaves them alone; default True).
+A `Dense` made with `lora_target=True` is one that `lora.add_lora` adapts. Kernels keep their
+head structure, (E, H, D) rather than (E, E), so tensor parallelism can split heads without
+reshuffling.
 """
 
 from __future__ import annotations
@@ -116,20 +126,27 @@ class Dense(nnx.Module):
         dtype: jnp.dtype | None = None,
         param_dtype: jnp.dtype = jnp.float32,
         init_std: float = 0.02,
+        lora_target: bool = False,
         rngs: nnx.Rngs,
     ):
         in_shape, out_shape = _tuple(in_shape), _tuple(out_shape)
         shape = in_shape + out_shape
         self.n_in = len(in_shape)
         self.dtype = dtype
+        # normal(0, init_std) kernel and zero bias: transformers' _init_weights for Linear/Conv1D.
         self.kernel = nnx.Param(
             init_std * jax.random.normal(rngs.params(), shape, param_dtype), axes=tuple(axes)
         )
         self.bias = (
-            nnx.Param(jnp.zeros(out_shape, param_dtype), axes=tuple(axes[self.n_in :]))
+            nnx.Param(
+                jnp.zeros(out_shape, param_dtype),
+                axes=tuple(axes[self.n_in :]),
+                weight_decay=False,
+            )
             if use_bias
             else None
         )
+        self.lora_target = lora_target  # add_lora adapts this layer
         self.lora: nnx.Module | None = nnx.data(None)  # low-rank adapter, see lora.py
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -148,8 +165,8 @@ class LayerNorm(nnx.Module):
 
     def __init__(self, dim: int, eps: float, *, param_dtype: jnp.dtype = jnp.float32):
         self.eps = eps
-        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), axes=("embed",))
-        self.bias = nnx.Param(jnp.zeros((dim,), param_dtype), axes=("embed",))
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), axes=("embed",), weight_decay=False)
+        self.bias = nnx.Param(jnp.zeros((dim,), param_dtype), axes=("embed",), weight_decay=False)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
@@ -179,7 +196,7 @@ def attention(
     rngs: nnx.Rngs | None = None,
 ) -> jax.Array:
     """Softmax attention. q (B,T,H,D); k, v heads-first (B,H,S,D); mask bool broadcasting to
-    (B,H,T,S). Returns (B,T,H,D).
+    (B,H,T,S); scale a float or a traced scalar. Returns (B,T,H,D).
 
     Keys and values come heads-first because that is the layout the batched matmuls read:
     decoding keeps its caches in it, so no step transposes them again. Scores and softmax run
@@ -232,47 +249,57 @@ class Execution:
 
 def run_blocks(
     blocks: Sequence[nnx.Module],
-    layer: Callable[[nnx.Module, jax.Array, Any, nnx.Rngs | None], jax.Array],
+    layer: Callable[[nnx.Module, jax.Array, Any, Any, nnx.Rngs | None], tuple[Any, jax.Array]],
     x: jax.Array,
     rngs: nnx.Rngs | None,
     execution: Execution,
     per_layer: Sequence[Any] | None = None,
-) -> jax.Array:
-    """x = layer(block, x, per_layer[i], rngs_i) for every block in order.
+) -> tuple[jax.Array, list[Any]]:
+    """Runs the blocks in order: `out_i, x = layer(block_i, x, i, per_layer[i], rngs_i)`.
+    Returns (x, [out_0, out_1, ...]).
 
-    Each block gets its own dropout stream, split from `rngs` up front: the unrolled loop and
-    the scan draw the same masks, so they give the same result.
+    `i` is the layer index: a Python int when unrolled, a traced int32 under scan, so a
+    per-layer constant (GPT-2's scale_attn_by_inverse_layer_idx) is computed from it at call
+    time and the blocks stay identical in structure. per_layer[i] (e.g. a layer's cache) and
+    out_i (its updated cache) are pytrees; None stands for nothing. Each block gets its own
+    dropout stream, split from `rngs` up front: the unrolled loop and the scan draw the same
+    masks, so they give the same result.
     """
     n = len(blocks)
     keys = None if rngs is None else jax.random.split(rngs.dropout(), n)
     per_layer = [None] * n if per_layer is None else list(per_layer)
     parts = [nnx.split(block) for block in blocks]
 
-    def apply(graphdef, state, x, extra, key):
+    def apply(graphdef, state, x, index, extra, key):
         block = nnx.merge(graphdef, state)
-        return layer(block, x, extra, None if key is None else nnx.Rngs(dropout=key))
+        return layer(block, x, index, extra, None if key is None else nnx.Rngs(dropout=key))
 
     if execution.remat:
         policy = execution.remat_policy and getattr(jax.checkpoint_policies, execution.remat_policy)
         apply = jax.checkpoint(apply, policy=policy, static_argnums=(0,))
     if not execution.scan:
+        outs = []
         for i, (graphdef, state) in enumerate(parts):
-            x = apply(graphdef, state, x, per_layer[i], None if keys is None else keys[i])
-        return x
+            out, x = apply(graphdef, state, x, i, per_layer[i], None if keys is None else keys[i])
+            outs.append(out)
+        return x, outs
     graphdef = parts[0][0]
     if any(g != graphdef for g, _ in parts):
         raise ValueError(
-            "scan over layers needs blocks of one structure; these differ (e.g. GPT-2's "
-            "scale_attn_by_inverse_layer_idx gives every layer its own scale): run unscanned"
+            "scan over layers needs blocks of one structure; these differ (a block built with "
+            "per-layer attributes?): keep per-layer constants out of the blocks (compute them "
+            "from the layer index), or run unscanned"
         )
     stack = functools.partial(jax.tree.map, lambda *a: jnp.stack(a))
-    xs = (stack(*[s for _, s in parts]), stack(*per_layer) if per_layer[0] is not None else None)
+    xs = (stack(*[s for _, s in parts]), stack(*per_layer), jnp.arange(n, dtype=jnp.int32), keys)
 
     def body(x, layer_in):
-        (state, extra), key = layer_in
-        return apply(graphdef, state, x, extra, key), None
+        state, extra, index, key = layer_in
+        out, x = apply(graphdef, state, x, index, extra, key)
+        return x, out
 
-    return jax.lax.scan(body, x, (xs, keys))[0]
+    x, outs = jax.lax.scan(body, x, xs)
+    return x, [jax.tree.map(lambda a: a[i], outs) for i in range(n)]
 
 
 class MLP(nnx.Module):
@@ -286,13 +313,15 @@ class MLP(nnx.Module):
         *,
         dtype: jnp.dtype | None,
         param_dtype: jnp.dtype,
+        init_std: float = 0.02,
+        proj_std: float = 0.02,
         rngs: nnx.Rngs,
     ):
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.fc = Dense(dim, hidden, ("embed", "mlp"), **kw)
-        self.proj = Dense(hidden, dim, ("mlp", "embed"), **kw)
+        kw = dict(dtype=dtype, param_dtype=param_dtype, lora_target=True, rngs=rngs)
+        self.fc = Dense(dim, hidden, ("embed", "mlp"), init_std=init_std, **kw)
+        self.proj = Dense(hidden, dim, ("mlp", "embed"), init_std=proj_std, **kw)
         self.activation = activation
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        h = ACTIVATIONS[self.activation](self.fc(x))
-        return self.proj(constrain(h, ("batch", "seq", "act_mlp")))
+        h = ACTIVATIONS[self.activation](self.fc(x))  # (..., F)
+        return self.proj(constrain(h, ("batch", "seq", "act_mlp")))  # (..., E)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -20,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nnx_caption import data as data_lib
+from nnx_caption.edits import model_class
 from nnx_caption.hf import from_pretrained, resolve, save_pretrained
 from nnx_caption.layers import Execution
 from nnx_caption.predict import UsageError
@@ -78,6 +80,9 @@ class TrainArgs:
     mesh_data: int = -1
     mesh_fsdp: int = 1
     mesh_tensor: int = 1
+    model_class: str | None = None
+    new_params: list[str] = field(default_factory=list)
+    trainable: list[str] = field(default_factory=list)
     freeze: list[str] = field(default_factory=list)
     lora_rank: int = 0
     gradient_checkpointing: bool = False
@@ -125,20 +130,29 @@ def _check_args(a: TrainArgs) -> None:
         Execution(remat_policy=a.remat_policy)
     except ValueError as e:
         raise UsageError(f"--remat_policy: {e}") from None
+    for flag in ("new_params", "trainable", "freeze"):
+        for pattern in getattr(a, flag):
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise UsageError(
+                    f"--{flag} {pattern!r} is not a regular expression: {err}"
+                ) from None
     if a.lora_rank < 0:
         raise UsageError(f"--lora_rank must be >= 0, got {a.lora_rank}")
+
+
+def _holds_files(directory: str) -> bool:
+    """Whether a folder holds anything but empty folders (a run stopped before it wrote
+    anything, e.g. on a bad flag, leaves only those)."""
+    return any(files for _, _, files in os.walk(directory))
 
 
 def _prepare_output_dir(a: TrainArgs) -> str:
     ckpt_dir = os.path.join(a.output_dir, "checkpoints")
     if a.overwrite_output_dir and os.path.isdir(a.output_dir):
         shutil.rmtree(a.output_dir)
-    elif (
-        a.do_train
-        and os.path.isdir(a.output_dir)
-        and os.listdir(a.output_dir)
-        and not checkpoints(ckpt_dir)
-    ):
+    elif a.do_train and _holds_files(a.output_dir) and not checkpoints(ckpt_dir):
         raise UsageError(
             f"--output_dir {a.output_dir} exists, is not empty and holds no checkpoint to "
             "resume from; use --overwrite_output_dir to start over there"
@@ -232,7 +246,15 @@ def run(a: TrainArgs) -> dict:
         mesh = make_mesh(a.mesh_data, a.mesh_fsdp, a.mesh_tensor)
     source = resolve(a.model_name_or_path)
     dtype = None if a.dtype == "float32" else jnp.dtype(a.dtype)
-    model = from_pretrained(source, dtype, mesh=mesh)
+    model = from_pretrained(
+        source,
+        dtype,
+        mesh=mesh,
+        model_cls=model_class(a.model_class),
+        new_params=a.new_params,
+        execution=Execution(a.scan_layers, a.gradient_checkpointing, a.remat_policy),
+        seed=a.seed,
+    )
     if a.lora_rank:
         from nnx_caption.lora import add_lora
 
@@ -275,11 +297,10 @@ def run(a: TrainArgs) -> dict:
         max_grad_norm=a.max_grad_norm,
         gradient_accumulation_steps=a.gradient_accumulation_steps,
         freeze=tuple(a.freeze),
+        trainable=tuple(a.trainable),
+        new_params=tuple(a.new_params),
         seed=a.seed,
         lora=bool(a.lora_rank),
-        remat=a.gradient_checkpointing,
-        remat_policy=a.remat_policy,
-        scan_layers=a.scan_layers,
     )
     trainer = Trainer(model, tcfg, mesh)
     existing = checkpoints(ckpt_dir)
@@ -457,18 +478,29 @@ def evaluate_split(
     return results
 
 
-def export(trainer: Trainer, output_dir: str, source: str) -> None:
-    """The final model in HF layout, with tokenizer, processor and generation config, so that
-    transformers' VisionEncoderDecoderModel.from_pretrained(output_dir) loads it."""
-    from nnx_caption.hf import AUX_FILES
+def export(trainer: Trainer, output_dir: str, source: str) -> str:
+    """The final model with tokenizer, processor and generation config: in HF layout, which
+    transformers' VisionEncoderDecoderModel.from_pretrained(output_dir) loads, when every
+    parameter has a Hugging Face name; else in NNX layout. Returns the layout."""
+    from nnx_caption.edits import class_spec
+    from nnx_caption.hf import copy_aux_files, unnamed_params
     from nnx_caption.lora import merge_lora
 
     model = trainer.model
     merge_lora(model)  # adapters become plain weights: the export is an ordinary checkpoint
-    save_pretrained(model, output_dir)
-    for name in AUX_FILES:
-        if os.path.exists(os.path.join(source, name)):
-            shutil.copyfile(os.path.join(source, name), os.path.join(output_dir, name))
+    unnamed = unnamed_params(model)
+    layout = "nnx" if unnamed else "hf"
+    save_pretrained(model, output_dir, layout=layout)
+    copy_aux_files(source, output_dir)
+    if unnamed:
+        _log(
+            f"exported NNX layout to {output_dir}: {len(unnamed)} parameters have no Hugging "
+            f"Face name (e.g. {unnamed[0]}), so transformers could not load them; load it with "
+            f"--model_class {class_spec(type(model))}"
+        )
+    else:
+        _log(f"exported HF layout to {output_dir}: transformers loads it as it is")
+    return layout
 
 
 def plot_loss(metrics_path: str, png_path: str, size: tuple[int, int] = (640, 360)) -> None:
@@ -580,7 +612,14 @@ HELP = {
     "mesh_data": "data-parallel mesh axis size (-1: what the other axes leave)",
     "mesh_fsdp": "FSDP mesh axis size",
     "mesh_tensor": "tensor-parallel mesh axis size",
-    "freeze": "NNX path prefixes not to train, e.g. encoder",
+    "model_class": "the model to build, FILE.py:Class or module:Class: an edited architecture "
+    "with VisionEncoderDecoder's constructor (default: VisionEncoderDecoder)",
+    "new_params": "regexes matching whole NNX paths of parameters the checkpoint lacks (an "
+    r"edit's new modules, e.g. 'decoder\.blocks\.\d+\.gate'): they keep --model_class's "
+    "initial values; with --lora_rank they train with the adapters",
+    "trainable": "only the parameters these NNX path prefixes or regexes match train; the rest "
+    "is frozen (default: all)",
+    "freeze": "NNX path prefixes or regexes not to train, e.g. encoder",
     "lora_rank": "train only LoRA adapters of this rank on the attention and MLP projections "
     "(merged into the weights at export)",
     "gradient_checkpointing": "remat: recompute each block's activations in the backward "
@@ -605,7 +644,7 @@ def build_parser(parser) -> None:
         help_ = f"{HELP[f.name]} (default: {default})"
         if f.type == "bool":
             parser.add_argument(*names, dest=f.name, action="store_true", help=help_)
-        elif f.name == "freeze":
+        elif f.type == "list[str]":
             parser.add_argument(*names, dest=f.name, nargs="*", default=[], help=help_)
         else:
             kind = {"int": int, "float": float}.get(f.type.split(" ")[0], str)

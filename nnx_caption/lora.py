@@ -1,9 +1,11 @@
 """LoRA: low-rank adapters on the attention and MLP projections, merged into plain weights.
 
-`add_lora(model, rank)` gives every such `Dense` an adapter y += (x A) B * alpha / rank, with
-A random and B zero (so the model starts unchanged), as `nnx.LoRAParam` variables: training
-with `TrainConfig(lora=True)` updates only those. `merge_lora(model)` folds each adapter into
-its kernel and removes it, leaving a model that saves in HF layout like any other.
+`add_lora(model, rank)` gives every `Dense` created with `lora_target=True` (the attention and
+MLP projections, tagged where they are made) an adapter y += (x A) B * alpha / rank, with A
+random and B zero (so the model starts unchanged), as `nnx.LoRAParam` variables: training with
+`TrainConfig(lora=True)` updates only those (and parameters declared new). `merge_lora(model)`
+folds each adapter into its kernel and removes it, leaving a model that saves in HF layout like
+any other.
 """
 
 from __future__ import annotations
@@ -15,9 +17,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nnx_caption.layers import Dense
-
-# Dense layers that get adapters: attention (q, k, v, o, qkv, cross q / kv / o) and MLPs.
-TARGETS = ("attn", "cross", "mlp")
 
 
 class LoRA(nnx.Module):
@@ -37,8 +36,8 @@ class LoRA(nnx.Module):
 
 
 def _targets(model: nnx.Module):
-    for path, module in nnx.iter_graph(model):
-        if isinstance(module, Dense) and any(p in TARGETS for p in map(str, path)):
+    for _, module in nnx.iter_graph(model):
+        if isinstance(module, Dense) and module.lora_target:
             yield module
 
 

@@ -1,4 +1,9 @@
-"""VisionEncoderDecoder: the ViT encoder, an optional width projection, the GPT-2 decoder."""
+"""VisionEncoderDecoder: the ViT encoder, an optional width projection, the GPT-2 decoder.
+
+An edited architecture subclasses it (or replaces it) with the same constructor signature,
+`(config, *, dtype, param_dtype, rngs)`; `encoder_cls` / `decoder_cls` (and the `block_cls` of
+ViT and GPT2) are where a subclass swaps in its own modules. See examples/.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +18,9 @@ from nnx_caption.vit import ViT
 
 
 class VisionEncoderDecoder(nnx.Module):
+    encoder_cls = ViT
+    decoder_cls = GPT2
+
     def __init__(
         self,
         config: CaptionConfig,
@@ -25,13 +33,14 @@ class VisionEncoderDecoder(nnx.Module):
         `param_dtype` (float32 master weights)."""
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.config = config
-        self.encoder = ViT(config.encoder, **kw)
-        self.enc_to_dec_proj = (
-            Dense(config.encoder.hidden_size, config.decoder.n_embd, (None, "embed"), **kw)
+        self.encoder = self.encoder_cls(config.encoder, execution=config.execution, **kw)
+        e, d = config.encoder.hidden_size, config.decoder.n_embd
+        self.enc_to_dec_proj = (  # initialised from the decoder's initializer_range, as HF does
+            Dense(e, d, (None, "embed"), init_std=config.decoder.initializer_range, **kw)
             if config.needs_enc_to_dec_proj
             else None
         )
-        self.decoder = GPT2(config.decoder, **kw)
+        self.decoder = self.decoder_cls(config.decoder, execution=config.execution, **kw)
 
     def encode(self, pixel_values: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
         """(B, H, W, C) normalised images -> (B, S, n_embd) states the decoder attends to."""
@@ -47,7 +56,8 @@ class VisionEncoderDecoder(nnx.Module):
         decoder_attention_mask: jax.Array | None = None,
         rngs: nnx.Rngs | None = None,
     ) -> jax.Array:
-        return self.decoder(decoder_input_ids, image_states, decoder_attention_mask, rngs)
+        """ids (N, T) and image states (B, S, E), N / B captions per image -> logits (N, T, V)."""
+        return self.decoder(decoder_input_ids, image_states, decoder_attention_mask, rngs)[0]
 
     def __call__(
         self,

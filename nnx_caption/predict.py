@@ -203,12 +203,14 @@ def predict(
     gallery_size: int = 1000,
     workers: int | None = None,
     progress: bool = True,
+    model_class: str | type | None = None,
 ) -> dict[str, Any]:
     """Captions every image in `inputs` with the checkpoint `model_dir` (folder or hub id).
 
     Writes predictions.jsonl (image, caption, score; input order), skipped.jsonl (image, reason)
     and gallery.html (the first `gallery_size` images) to `output_dir`, and returns a summary.
-    Generation settings left None take the checkpoint's generation config.
+    Generation settings left None take the checkpoint's generation config. `model_class` is
+    the edited architecture the checkpoint holds (a class, or a --model_class spec).
     """
     import jax.numpy as jnp  # deferred, as everywhere in the CLI: argument errors stay fast
 
@@ -229,7 +231,10 @@ def predict(
 
     start = time.perf_counter()
     directory = resolve(model_dir, revision=revision, cache_dir=cache_dir)
-    model = nc.from_pretrained(directory, dtypes[dtype])
+    from nnx_caption.edits import model_class as resolve_class
+
+    model_cls = model_class if isinstance(model_class, type) else resolve_class(model_class)
+    model = nc.from_pretrained(directory, dtypes[dtype], model_cls=model_cls)
     try:
         processor = nc.ImageProcessor.from_pretrained(directory)
         tokenizer = nc.Tokenizer.from_pretrained(directory)

@@ -12,7 +12,6 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import jax
@@ -22,7 +21,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from nnx_caption.layers import Execution
+from nnx_caption.hf import path_str
 from nnx_caption.model import VisionEncoderDecoder
 from nnx_caption.safetensors_io import SafetensorsReader, write_safetensors
 from nnx_caption.sharding import place, scalar, to_host
@@ -42,11 +41,11 @@ class TrainConfig:
     label_smoothing_factor: float = 0.0
     max_grad_norm: float | None = None
     gradient_accumulation_steps: int = 1
-    freeze: tuple[str, ...] = field(default_factory=tuple)  # NNX path prefixes, e.g. "encoder"
-    lora: bool = False  # train only the LoRA adapters (lora.add_lora), the rest stays frozen
-    remat: bool = False  # recompute each block's activations in the backward pass
-    remat_policy: str | None = None  # what remat keeps anyway (a jax.checkpoint_policies name)
-    scan_layers: bool = False  # one lax.scan per stack of blocks: compile time flat in depth
+    # What trains, by NNX path (see trainable()): prefixes or whole-path regexes.
+    freeze: tuple[str, ...] = field(default_factory=tuple)  # e.g. "encoder": never trains
+    trainable: tuple[str, ...] = field(default_factory=tuple)  # only these train (empty: all)
+    lora: bool = False  # train the LoRA adapters (lora.add_lora) and new_params; the rest frozen
+    new_params: tuple[str, ...] = field(default_factory=tuple)  # from_pretrained's new_params
     seed: int = 42
 
 
@@ -86,56 +85,64 @@ def schedule(cfg: TrainConfig) -> optax.Schedule:
     return optax.join_schedules([warmup, decay], [cfg.warmup_steps])
 
 
-def _path(path: tuple) -> str:
-    return ".".join(map(str, path))
+def decays(variable: nnx.Variable) -> bool:
+    """AdamW decays weights, not biases nor norm parameters (as HF's script): read from the
+    `weight_decay` metadata they are created with (layers.py); a parameter without it decays."""
+    return bool(variable.get_metadata().get("weight_decay", True))
 
 
-def decays(path: tuple, _value=None) -> bool:
-    """AdamW decays weights, not biases nor LayerNorm parameters (as HF's script)."""
-    name = _path(path)
-    return not (name.endswith(".bias") or re.search(r"(^|\.)(ln\w*)\.scale$", name))
+def matches(path: str, patterns: tuple[str, ...]) -> bool:
+    """Whether an NNX path is one of `patterns`: a prefix ("encoder" covers "encoder.ln_f.bias")
+    or a regex matching the whole path ("decoder\\.blocks\\.\\d+\\.cross\\..*")."""
+    return any(path == p or path.startswith(p + ".") or re.fullmatch(p, path) for p in patterns)
 
 
 def trainable(cfg: TrainConfig) -> nnx.filterlib.Filter:
-    """Parameters outside the frozen prefixes."""
-    frozen = tuple(cfg.freeze)
+    """The parameters that train: all of them; or, with `trainable`, those it matches; with
+    `lora`, the adapters, the declared-new parameters and those `trainable` matches. Never
+    those `freeze` matches."""
 
     def keep(path: tuple, value) -> bool:
-        name = _path(path)
-        kind = nnx.LoRAParam if cfg.lora else nnx.Param
-        return isinstance(value, kind) and not any(
-            name == p or name.startswith(p + ".") for p in frozen
-        )
+        name = path_str(path)
+        if not isinstance(value, nnx.Param) or matches(name, cfg.freeze):
+            return False
+        if cfg.lora:
+            return isinstance(value, nnx.LoRAParam) or matches(name, cfg.new_params + cfg.trainable)
+        return not cfg.trainable or matches(name, cfg.trainable)
 
     return keep
 
 
 def make_optimizer(model: VisionEncoderDecoder, cfg: TrainConfig) -> nnx.Optimizer:
+    wrt = trainable(cfg)
+    decay = {_keys(path): decays(var) for path, var in nnx.to_flat_state(nnx.state(model, wrt))}
     tx = optax.adamw(
         schedule(cfg),
         cfg.adam_beta1,
         cfg.adam_beta2,
         cfg.adam_epsilon,
         weight_decay=cfg.weight_decay,
-        mask=lambda params: _map_paths(decays, params),
+        mask=lambda params: jax.tree_util.tree_map_with_path(
+            lambda path, _: decay[_keys(path)], params
+        ),
     )
     if cfg.max_grad_norm:
         tx = optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), tx)
-    return nnx.Optimizer(model, tx, wrt=trainable(cfg))
+    return nnx.Optimizer(model, tx, wrt=wrt)
 
 
-def _map_paths(fn: Callable, tree):
-    return jax.tree_util.tree_map_with_path(
-        lambda path, x: fn(tuple(getattr(k, "key", getattr(k, "idx", k)) for k in path)), tree
-    )
+def _keys(path: tuple) -> tuple:
+    """A state path's dict keys and list indices (a Variable's own `.value` step dropped)."""
+    keys = (getattr(k, "key", getattr(k, "idx", k)) for k in path)
+    return tuple(k for k in keys if not isinstance(k, jax.tree_util.GetAttrKey))
 
 
 # Step -----------------------------------------------------------------------------------------
 
 
-def _train_step(graphdef, state, batch, step, cfg: TrainConfig):
-    model, optimizer = nnx.merge(graphdef, state)
-    key = jax.random.fold_in(jax.random.key(cfg.seed), step)
+def loss_and_grads(model, batch: dict[str, jax.Array], key: jax.Array, cfg: TrainConfig):
+    """(summed loss, real tokens, gradients / real tokens) of one optimizer step's batch: the
+    model FLOPs of a step are this function's (flops.xla_train_step counts them)."""
 
     def loss_sum(model, micro, key):
         logits = model(
@@ -157,7 +164,13 @@ def _train_step(graphdef, state, batch, step, cfg: TrainConfig):
         (t, c), g = grad_fn(model, micro, jax.random.fold_in(key, i))
         grads = g if grads is None else jax.tree.map(jnp.add, grads, g)
         total, count = total + t, count + c
-    grads = jax.tree.map(lambda g: g / count, grads)
+    return total, count, jax.tree.map(lambda g: g / count, grads)
+
+
+def _train_step(graphdef, state, batch, step, cfg: TrainConfig):
+    model, optimizer = nnx.merge(graphdef, state)
+    key = jax.random.fold_in(jax.random.key(cfg.seed), step)
+    total, count, grads = loss_and_grads(model, batch, key, cfg)
     optimizer.update(model, grads)
     metrics = {
         "loss": total / count,
@@ -194,10 +207,9 @@ class Trainer:
     """Holds the (model, optimizer) state between steps as one pytree, sharded on `mesh`."""
 
     def __init__(self, model: VisionEncoderDecoder, cfg: TrainConfig, mesh: Mesh | None = None):
+        """The model runs its blocks as it was built to (its config's execution: scan,
+        remat)."""
         self.cfg, self.mesh = cfg, mesh
-        model.encoder.execution = model.decoder.execution = Execution(
-            cfg.scan_layers, cfg.remat, cfg.remat_policy
-        )
         optimizer = make_optimizer(model, cfg)
         self.graphdef, self.state = nnx.split((model, optimizer))
         self.step = 0
@@ -256,7 +268,7 @@ class Trainer:
         """Writes step_<N>/ atomically: the folder appears complete or not at all. Every
         process must call it (gathering a sharded array is collective); process 0 writes."""
         final = os.path.join(directory, f"step_{self.step:08d}")
-        flat = {_path(p): v for p, v in nnx.to_flat_state(self.state)}
+        flat = {path_str(p): v for p, v in nnx.to_flat_state(self.state)}
         if jax.process_count() > 1:  # gather each array once, in the same order everywhere
             hosted = {name: to_host(v[...]) for name, v in sorted(flat.items())}
             if jax.process_index() != 0:
@@ -283,7 +295,7 @@ class Trainer:
     def restore(self, checkpoint: str) -> dict:
         """Loads a step_<N>/ folder into the current state (same shapes and shardings); each
         process places only its own shards."""
-        flat = {_path(p): v for p, v in nnx.to_flat_state(self.state)}
+        flat = {path_str(p): v for p, v in nnx.to_flat_state(self.state)}
         with SafetensorsReader(os.path.join(checkpoint, "state.safetensors")) as reader:
             missing = set(flat) - set(reader.entries)
             if missing:

@@ -72,7 +72,7 @@ class ViTEmbeddings(nnx.Module):
             raise ValueError(f"images have {c} channels; the config says {self.cfg.num_channels}")
         gh, gw = h // p, w // p
         patches = images[:, : gh * p, : gw * p].reshape(b, gh, p, gw, p, c).swapaxes(2, 3)
-        x = self.patch(patches).reshape(b, gh * gw, -1)
+        x = self.patch(patches).reshape(b, gh * gw, -1)  # (B, patches, E)
         cls = jnp.broadcast_to(self.cls[...].astype(x.dtype), (b, 1, x.shape[-1]))
         x = jnp.concatenate([cls, x], axis=1)
         return x + self.position_table(h, w).astype(x.dtype)
@@ -94,7 +94,7 @@ class ViTEmbeddings(nnx.Module):
 class ViTAttention(nnx.Module):
     def __init__(self, cfg: ViTConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         e, h, d = cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        kw = dict(dtype=dtype, param_dtype=param_dtype, lora_target=True, rngs=rngs)
         self.q = Dense(e, (h, d), ("embed", "heads", "kv"), use_bias=cfg.qkv_bias, **kw)
         self.k = Dense(e, (h, d), ("embed", "heads", "kv"), use_bias=cfg.qkv_bias, **kw)
         self.v = Dense(e, (h, d), ("embed", "heads", "kv"), use_bias=cfg.qkv_bias, **kw)
@@ -103,6 +103,7 @@ class ViTAttention(nnx.Module):
         self.dropout_rate = cfg.attention_probs_dropout_prob
 
     def __call__(self, x: jax.Array, rngs: nnx.Rngs | None) -> jax.Array:
+        """x (B, S, E) -> (B, S, E): every image token attends to every other."""
         out = attention(
             self.q(x),
             heads_first(self.k(x)),
@@ -118,27 +119,38 @@ class ViTAttention(nnx.Module):
 class ViTBlock(nnx.Module):
     def __init__(self, cfg: ViTConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.ln1 = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, param_dtype=param_dtype)
+        self.ln_1 = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, param_dtype=param_dtype)
         self.attn = ViTAttention(cfg, **kw)
-        self.ln2 = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, param_dtype=param_dtype)
+        self.ln_2 = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, param_dtype=param_dtype)
         self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, **kw)
         self.dropout_rate = cfg.hidden_dropout_prob
 
     def __call__(self, x: jax.Array, rngs: nnx.Rngs | None) -> jax.Array:
-        x = x + dropout(self.attn(self.ln1(x), rngs), self.dropout_rate, rngs)
-        x = x + dropout(self.mlp(self.ln2(x)), self.dropout_rate, rngs)
+        x = x + dropout(self.attn(self.ln_1(x), rngs), self.dropout_rate, rngs)
+        x = x + dropout(self.mlp(self.ln_2(x)), self.dropout_rate, rngs)
         return constrain(x, ("batch", "seq", "act_embed"))
 
 
 class ViT(nnx.Module):
-    def __init__(self, cfg: ViTConfig, *, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    block_cls = ViTBlock  # a subclass swaps in its own block here
+
+    def __init__(
+        self,
+        cfg: ViTConfig,
+        *,
+        execution: Execution | None = None,
+        dtype=None,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.embeddings = ViTEmbeddings(cfg, **kw)
-        self.blocks = nnx.List([ViTBlock(cfg, **kw) for _ in range(cfg.num_hidden_layers)])
+        self.blocks = nnx.List([self.block_cls(cfg, **kw) for _ in range(cfg.num_hidden_layers)])
         self.ln_f = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, param_dtype=param_dtype)
         self.dropout_rate = cfg.hidden_dropout_prob
         self.dtype = dtype
-        self.execution = Execution()  # scan / remat, set by training (TrainConfig)
+        # scan / remat: how the blocks run, never what they compute (CaptionConfig.execution)
+        self.execution = execution or Execution()
 
     def __call__(self, images: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
         """(B, H, W, C) normalised images -> (B, 1 + patches, hidden) last hidden state."""
@@ -146,7 +158,11 @@ class ViT(nnx.Module):
             images = images.astype(self.dtype)
         x = dropout(self.embeddings(images), self.dropout_rate, rngs)
         x = constrain(x, ("batch", "seq", "act_embed"))
-        x = run_blocks(
-            self.blocks, lambda block, x, _, rngs: block(x, rngs), x, rngs, self.execution
+        x, _ = run_blocks(
+            self.blocks,
+            lambda block, x, i, _, rngs: (None, block(x, rngs)),
+            x,
+            rngs,
+            self.execution,
         )
-        return self.ln_f(x)
+        return self.ln_f(x)  # (B, S, E)

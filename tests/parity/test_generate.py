@@ -142,7 +142,7 @@ def test_cross_kv_shared_by_beams(pair):
     image = model.encode(jnp.asarray(pixels[:2]))
     ids = jnp.asarray(np.random.default_rng(4).integers(0, 60, (6, 5)), jnp.int32)
     shared, _ = dec(ids, cross_kv=dec.cross_kv(image), cache=dec.init_cache(6, 5))
-    copied = dec(ids, jnp.repeat(image, 3, axis=0))
+    copied, _ = dec(ids, jnp.repeat(image, 3, axis=0))
     np.testing.assert_allclose(shared, copied, atol=1e-5)
 
 

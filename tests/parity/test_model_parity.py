@@ -41,7 +41,7 @@ def test_logits_and_every_part_match_transformers(name, hf_checkpoint):
     t = ids.shape[1]
     attend = jnp.tril(jnp.ones((t, t), bool))[None, None] & (mask > 0)[:, None, None, :]
     for i, block in enumerate(dec_m.blocks):
-        h, _ = block(h, dec_m.cross_kv(states)[i], attend, None)
+        _, h = block(h, i, dec_m.cross_kv(states)[i], attend, None)
         out = dec_m.ln_f(h) if i == len(dec_m.blocks) - 1 else h
         np.testing.assert_allclose(
             out, ref.decoder_hidden_states[i + 1], atol=1e-4, err_msg=f"decoder block {i}"

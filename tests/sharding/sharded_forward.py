@@ -1,5 +1,6 @@
 """Run in its own process: 8 simulated CPU devices must be set before jax is imported."""
 
+import dataclasses
 import json
 import os
 import sys
@@ -24,6 +25,10 @@ def main(tiny_dir: str, data: int, fsdp: int, tensor: int) -> None:
     which amplifies float rounding (batch 2 vs 8 already moves its logits by 2e-4)."""
     golden = np.load(os.path.join(tiny_dir, "golden.npz"))
     config = nc.from_pretrained(tiny_dir).config
+    # Our constructor draws with the config's initializer_range, 0.4 for weights/tiny.
+    config = dataclasses.replace(
+        config, decoder=dataclasses.replace(config.decoder, initializer_range=0.02)
+    )
     tiny = tempfile.mkdtemp()
     nc.save_pretrained(nc.VisionEncoderDecoder(config, rngs=nnx.Rngs(0)), tiny)
     single = nc.from_pretrained(tiny)

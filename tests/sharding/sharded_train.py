@@ -1,7 +1,6 @@
 """Run in its own process (8 simulated CPU devices, set before jax is imported): a few train
 steps on a mesh vs on one device; prints JSON."""
 
-import dataclasses
 import json
 import os
 import sys
@@ -19,12 +18,16 @@ from reference import random_train_batches  # noqa: E402
 
 import nnx_caption as nc  # noqa: E402
 from nnx_caption.config import tiny  # noqa: E402
+from nnx_caption.layers import Execution  # noqa: E402
 from nnx_caption.sharding import make_mesh  # noqa: E402
 from nnx_caption.train import TrainConfig, Trainer  # noqa: E402
 
 
-def run(directory: str, mesh, cfg: TrainConfig, data) -> tuple[list[float], dict]:
-    trainer = Trainer(nc.from_pretrained(directory, mesh=mesh), cfg, mesh)
+def run(
+    directory: str, mesh, cfg: TrainConfig, data, execution: Execution | None = None
+) -> tuple[list[float], dict]:
+    model = nc.from_pretrained(directory, mesh=mesh, execution=execution)
+    trainer = Trainer(model, cfg, mesh)
     losses = [float(trainer.train_step(b)["loss"]) for b in data]
     params = {
         ".".join(map(str, p)): np.asarray(jax.device_get(v[...]))
@@ -54,8 +57,7 @@ def main(data_axis: int, fsdp: int, tensor: int, scan: bool) -> None:
     single_losses, single, _ = run(directory, None, cfg, data)
     mesh = make_mesh(data_axis, fsdp, tensor)
     # The sharded run may also scan over layers with remat: still the unrolled run's numbers.
-    scanned = dataclasses.replace(cfg, scan_layers=scan, remat=scan)
-    losses, sharded, specs = run(directory, mesh, scanned, data)
+    losses, sharded, specs = run(directory, mesh, cfg, data, Execution(scan=scan, remat=scan))
     print(
         json.dumps(
             {
