@@ -39,9 +39,9 @@ def _compose(args: argparse.Namespace) -> None:
     if os.path.isdir(out) and os.listdir(out):
         raise UsageError(f"--output_dir {out} exists and is not empty: choose a new folder")
     hub = dict(revision=args.revision, cache_dir=args.cache_dir)
-    model = from_encoder_decoder_pretrained(args.encoder, args.decoder, seed=args.seed, **hub)
+    enc_dir, dec_dir = resolve(args.encoder, **hub), resolve(args.decoder, **hub)
+    model = from_encoder_decoder_pretrained(enc_dir, dec_dir, seed=args.seed)
     save_pretrained(model, out)
-    enc_dir, dec_dir = resolve(args.encoder, **hub), resolve(args.decoder, **hub)  # cached now
     copied = copy_aux_files(dec_dir, out, TOKENIZER_FILES)
     copied += copy_aux_files(enc_dir, out, ("preprocessor_config.json",))
     if not {"tokenizer.json", "vocab.json"} & set(copied):

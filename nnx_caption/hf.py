@@ -433,10 +433,9 @@ class Loader:
         return self.report
 
     def _describe(self, path: str) -> str:
-        try:
-            return f"{path} (HF {self.weights.to_hf(path)[0]})"
-        except KeyError:
+        if not self.weights.has_hf_name(path):
             return f"{path} (no HF name)"
+        return f"{path} (HF {self.weights.to_hf(path)[0]})"
 
 
 def initial_values(
