@@ -171,15 +171,22 @@ def test_decay_mask_and_frozen_parts(tmp_path):
     ],
     ids=["remat", "scan", "scan_remat_dots", "scan_inverse_layer_idx"],
 )
-def test_execution_options_give_the_same_gradients(tmp_path, execution, name):
+def test_execution_options_give_the_same_gradients(unrolled, execution, name):
     """Remat and scan change what is stored and compiled, not what is computed: with dropout
     on, gradients are equal to the unrolled loop's (Adam would amplify float noise on
     near-zero gradients, so they are compared before the optimizer). attention_scaling_flags
     has scale_attn_by_inverse_layer_idx: each layer's scale comes from the layer index, which
-    scan passes in, so those blocks scan too."""
-    enc, dec = CONFIGS[name]
-    build_hf_model(enc, dec, scale=2.0).save_pretrained(tmp_path)
-    b = batch(enc, dec)
+    scan passes in, so those blocks scan too. (The Trainer's compiled step with scan and
+    remat is held to the unrolled one in tests/sharding/test_sharded_train.py.)"""
+    path, b, want = unrolled(name)
+    got = _gradients_and_logits(path, b, execution)
+    scale = max(np.abs(g).max() for g in jax.tree.leaves(want[0]))
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6 * scale), got[0], want[0])
+    np.testing.assert_allclose(got[1], want[1], atol=1e-5)
+
+
+def _gradients_and_logits(path, b: dict, execution: Execution):
+    """(dropout-on gradients of the mean loss, logits) of the checkpoint run as `execution`."""
 
     def loss(model):
         logits = model(
@@ -191,24 +198,27 @@ def test_execution_options_give_the_same_gradients(tmp_path, execution, name):
         total, count = cross_entropy(logits, b["labels"], b["decoder_attention_mask"])
         return total / count
 
-    grads, logits = [], []
-    for ex in (Execution(), execution):
-        model = nc.from_pretrained(tmp_path, execution=ex)
-        assert model.config.execution == ex and model.decoder.execution == ex
-        grads.append(jax.tree.map(np.asarray, nnx.jit(nnx.grad(loss))(model)))
-        logits.append(model(b["pixel_values"], b["decoder_input_ids"]))
-    scale = max(np.abs(g).max() for g in jax.tree.leaves(grads[0]))
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6 * scale), *grads)
-    np.testing.assert_allclose(logits[1], logits[0], atol=1e-5)
-    # Through the trainer's compiled step too: the same loss and gradient norm.
-    steps = [
-        Trainer(nc.from_pretrained(tmp_path, execution=ex), TrainConfig(total_steps=2)).train_step(
-            b
-        )
-        for ex in (Execution(), execution)
-    ]
-    for key in ("loss", "grad_norm"):
-        np.testing.assert_allclose(float(steps[1][key]), float(steps[0][key]), rtol=1e-5)
+    model = nc.from_pretrained(path, execution=execution)
+    assert model.config.execution == execution and model.decoder.execution == execution
+    grads = jax.tree.map(np.asarray, nnx.jit(nnx.grad(loss))(model))
+    return grads, model(b["pixel_values"], b["decoder_input_ids"])
+
+
+@pytest.fixture(scope="module")
+def unrolled(tmp_path_factory):
+    """name -> (checkpoint, batch, the unrolled run's results), each computed once."""
+    cache = {}
+
+    def get(name: str):
+        if name not in cache:
+            enc, dec = CONFIGS[name]
+            path = tmp_path_factory.mktemp(name)
+            build_hf_model(enc, dec, scale=2.0).save_pretrained(path)
+            b = batch(enc, dec)
+            cache[name] = path, b, _gradients_and_logits(path, b, Execution())
+        return cache[name]
+
+    return get
 
 
 def test_unknown_remat_policy_is_refused():

@@ -40,7 +40,8 @@ def run(
     return losses, params, specs
 
 
-def main(data_axis: int, fsdp: int, tensor: int, scan: bool) -> None:
+def main(meshes: list[str]) -> None:
+    """Each mesh "D,F,T" or "D,F,T,scan" against one device's run (computed once)."""
     directory = tempfile.mkdtemp()
     config = tiny()
     nc.save_pretrained(nc.VisionEncoderDecoder(config, rngs=nnx.Rngs(0)), directory)
@@ -55,20 +56,22 @@ def main(data_axis: int, fsdp: int, tensor: int, scan: bool) -> None:
     )
     data = random_train_batches(config.decoder.vocab_size)
     single_losses, single, _ = run(directory, None, cfg, data)
-    mesh = make_mesh(data_axis, fsdp, tensor)
-    # The sharded run may also scan over layers with remat: still the unrolled run's numbers.
-    losses, sharded, specs = run(directory, mesh, cfg, data, Execution(scan=scan, remat=scan))
-    print(
-        json.dumps(
-            {
-                "loss_diff": max(abs(a - b) for a, b in zip(losses, single_losses, strict=True)),
-                "param_diff": max(float(np.abs(sharded[k] - single[k]).max()) for k in single),
-                "losses": losses,
-                "specs": specs,
-            }
-        )
-    )
+    results = {}
+    for name in meshes:
+        parts = name.split(",")
+        scan = parts[-1] == "scan"
+        mesh = make_mesh(*map(int, parts[:3]))
+        # The sharded run may also scan over layers with remat: still the unrolled run's numbers.
+        execution = Execution(scan=scan, remat=scan)
+        losses, sharded, specs = run(directory, mesh, cfg, data, execution)
+        results[name] = {
+            "loss_diff": max(abs(a - b) for a, b in zip(losses, single_losses, strict=True)),
+            "param_diff": max(float(np.abs(sharded[k] - single[k]).max()) for k in single),
+            "losses": losses,
+            "specs": specs,
+        }
+    print(json.dumps(results))
 
 
-if __name__ == "__main__":
-    main(*map(int, sys.argv[1:4]), scan=sys.argv[4:] == ["scan"])
+if __name__ == "__main__":  # sharded_train.py D,F,T[,scan] ...
+    main(sys.argv[1:])

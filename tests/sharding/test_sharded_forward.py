@@ -12,15 +12,22 @@ import pytest
 SCRIPT = pathlib.Path(__file__).with_name("sharded_forward.py")
 
 
-@pytest.mark.parametrize("mesh", [(8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 2, 4)])
-def test_sharded_forward_equals_single_device(tiny_dir, mesh):
+MESHES = ["8,1,1", "2,4,1", "2,2,2", "1,2,4"]
+
+
+@pytest.fixture(scope="module")
+def results(tiny_dir) -> dict:
+    """One process for every mesh: the single-device reference is computed once."""
     out = subprocess.run(
-        [sys.executable, str(SCRIPT), str(tiny_dir), *map(str, mesh)],
-        capture_output=True,
-        text=True,
+        [sys.executable, str(SCRIPT), str(tiny_dir), *MESHES], capture_output=True, text=True
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("mesh", MESHES)
+def test_sharded_forward_equals_single_device(results, mesh):
+    result = results[mesh]
     assert result["devices"] == 8
     assert result["max_diff_vs_single"] <= 1e-5
     assert result["max_abs_logit"] > 0.1
