@@ -1,5 +1,5 @@
-"""What the benchmarks share: the random full-size checkpoint, machine facts, peak FLOP/s,
-and RESULTS.md sections."""
+"""What the benchmarks share: the random full-size checkpoint, machine facts, peak FLOP/s
+(nnx_caption.bench's, as `nnx-caption bench` takes them), and RESULTS.md sections."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ import sys
 import time
 from importlib import metadata
 from pathlib import Path
+
+from nnx_caption.bench import chip_peak as peak_flops  # noqa: F401 - the benchmarks' peak
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_CHECKPOINT = HERE / ".cache" / "vit-gpt2-random"
@@ -128,48 +130,6 @@ def machine_line(m: dict[str, str]) -> str:
         f"Machine: {m['arch']}, {m['cpu']}, {m['cores']} cores; jax {m['jax']}, "
         f"flax {m['flax']}, transformers {m['transformers']}, torch {m['torch']}."
     )
-
-
-def matmul_peak(dtype: str = "float32", n: int = 2048, repeats: int = 10) -> float:
-    """This machine's measured matmul FLOP/s in jax (n x n @ n x n, best of `repeats`): the
-    peak that MFU and 'fraction of peak' are taken against on CPU."""
-    import jax
-    import jax.numpy as jnp
-
-    a = jnp.ones((n, n), dtype)
-    f = jax.jit(lambda a: jnp.dot(a, a, preferred_element_type=jnp.float32))
-    f(a).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        f(a).block_until_ready()
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best
-
-
-# Vendor peak dense FLOP/s per chip, for MFU off CPU: bf16 (tensor cores / MXU) and float32 as
-# XLA runs float32 matmuls there by default (TF32 on NVIDIA GPUs, bf16 passes on TPU).
-VENDOR_PEAKS = {
-    "H200": {"bfloat16": 989e12, "float32": 494e12},
-    "H100": {"bfloat16": 989e12, "float32": 494e12},  # SXM
-    "A100": {"bfloat16": 312e12, "float32": 156e12},
-    "TPU v4": {"bfloat16": 275e12, "float32": 275e12},
-    "TPU v5 lite": {"bfloat16": 197e12, "float32": 197e12},  # v5e
-    "TPU v5p": {"bfloat16": 459e12, "float32": 459e12},
-    "TPU v6": {"bfloat16": 918e12, "float32": 918e12},  # Trillium
-}
-
-
-def peak_flops(dtype: str) -> tuple[float, str]:
-    """(peak FLOP/s of one device for `dtype` matmuls, where the figure comes from): the
-    vendor's figure on a known accelerator, else the matmul peak measured here."""
-    import jax
-
-    kind = jax.devices()[0].device_kind
-    for name, peaks in VENDOR_PEAKS.items():
-        if name.lower() in kind.lower():
-            return peaks[dtype], f"{kind} vendor peak"
-    return matmul_peak(dtype), f"measured {dtype} matmul peak ({kind})"
 
 
 def update_results_md(title: str, section: str) -> None:

@@ -99,27 +99,30 @@ def timed_steps(step, repeats: int) -> dict:
 def worker_nnx(
     checkpoint: Path, inputs: dict, dtype: str, scan: bool, per_image: int, repeats: int
 ) -> dict:
-    import jax
+    """nnx-caption's side: `nnx-caption bench`'s own train-step timing (bench.bench_train)."""
     import jax.numpy as jnp
 
     import nnx_caption as nc
+    from nnx_caption import bench
     from nnx_caption.layers import Execution
-    from nnx_caption.train import TrainConfig, Trainer
 
     model = nc.from_pretrained(
         checkpoint,
         None if dtype == "float32" else jnp.dtype(dtype),
         execution=Execution(scan=scan),
     )
-    trainer = Trainer(model, TrainConfig(learning_rate=5e-5, total_steps=10_000))
     batch = dict(inputs, labels=np.maximum(inputs["labels"], 0))
     # per_image k: the batch's captions describe len / k images, k each (image-major).
     batch["pixel_values"] = batch["pixel_values"][::per_image]
-
-    def step() -> float:
-        return float(jax.block_until_ready(trainer.train_step(batch)["loss"]))
-
-    return timed_steps(step, repeats)
+    r = bench.bench_train(model, bench.BenchArgs(steps=repeats, warmup=1), None, batch)
+    return dict(
+        first_s=r["first_call_s"],
+        median_s=r["step_time_s"],
+        times_s=r["step_times_s"],
+        losses=r["losses"],
+        xla_gflop=r["flops_per_step"] / 1e9,
+        peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    )
 
 
 def worker_torch(checkpoint: Path, inputs: dict, repeats: int) -> dict:

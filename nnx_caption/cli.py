@@ -16,11 +16,26 @@ from nnx_caption.safetensors_io import CheckpointError
 
 def _rewrite(args: argparse.Namespace, layout: str) -> None:
     from nnx_caption.edits import model_class
-    from nnx_caption.hf import copy_aux_files, from_pretrained, resolve, save_pretrained
+    from nnx_caption.hf import (
+        checkpoint_files,
+        copy_aux_files,
+        from_pretrained,
+        listing,
+        resolve,
+        save_pretrained,
+    )
 
     src = resolve(args.src, revision=args.revision, cache_dir=args.cache_dir)
+    same = os.path.isdir(args.dst) and os.path.samefile(src, args.dst)
+    held = [os.path.basename(f) for f in checkpoint_files(args.dst)]
+    if (same or held) and not args.overwrite:
+        what = "is the source folder" if same else "holds a checkpoint"
+        raise UsageError(
+            f"{args.dst} {what} ({listing(held)}): writing there would replace those weights. "
+            "Choose another output folder, or pass --overwrite to replace them"
+        )
     model = from_pretrained(src, model_cls=model_class(args.model_class))
-    save_pretrained(model, args.dst, layout=layout)
+    save_pretrained(model, args.dst, layout=layout, overwrite=args.overwrite)
     copied = copy_aux_files(src, args.dst)
     print(f"wrote {layout.upper()} layout to {args.dst} (+ {', '.join(copied) or 'no aux files'})")
 
@@ -130,6 +145,18 @@ def _predict(args: argparse.Namespace) -> None:
     )
 
 
+def _bench(args: argparse.Namespace, argv: list[str]) -> None:
+    from nnx_caption import bench
+
+    try:
+        options = bench.args_from_namespace(args)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    results = bench.run(options, command=" ".join(["nnx-caption", *argv]))
+    print(bench.table(results))
+    print(f"{results[0]['peak_source']}; wrote {os.path.join(options.output_dir, 'bench.json')}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nnx-caption", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -143,6 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--revision", help="hub revision (branch, tag or commit)")
         p.add_argument("--cache-dir", help="huggingface_hub cache folder")
         p.add_argument("--model_class", "--model-class", dest="model_class", help=MODEL_CLASS_HELP)
+        p.add_argument(
+            "--overwrite",
+            action="store_true",
+            help="replace the weights dst holds (e.g. convert a folder in place)",
+        )
     _add_compose(sub)
     _add_predict(sub)
     from nnx_caption.loop import build_parser as add_train_flags
@@ -154,6 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
         "run_image_captioning_flax.py. A run resumes from the newest checkpoint in --output_dir.",
     )
     add_train_flags(train)
+    from nnx_caption.bench import build_parser as add_bench_flags
+
+    help_ = "time training and decoding of any configuration: step time, MFU, memory"
+    add_bench_flags(sub.add_parser("bench", help=help_, description=help_))
     demo = sub.add_parser("demo", help="train, evaluate and caption on the shapes dataset")
     demo.add_argument("--out", default="out/demo", help="where everything is written")
     demo.add_argument("--steps", type=int, default=3000, help="training steps")
@@ -181,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
             _rewrite(args, "nnx" if args.command == "convert" else "hf")
         elif args.command == "predict":
             _predict(args)
+        elif args.command == "bench":
+            _bench(args, argv if argv is not None else sys.argv[1:])
         elif args.command == "demo":
             from nnx_caption.demo import run_demo
 

@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from nnx_caption.files import replacing
 from nnx_caption.layers import ACTIVATIONS, Execution
 
 
@@ -259,7 +260,7 @@ def write_config(config: CaptionConfig, directory: str | os.PathLike) -> None:
         ("config.json", config.to_hf()),
         ("generation_config.json", config.generation_to_hf()),
     ):
-        with open(os.path.join(directory, name), "w", encoding="utf-8") as f:
+        with replacing(os.path.join(directory, name), encoding="utf-8") as f:
             json.dump(data, f, indent=2, sort_keys=True)
             f.write("\n")
 

@@ -14,7 +14,6 @@ import logging
 import math
 import os
 import re
-import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -35,11 +34,13 @@ from nnx_caption.config import (
     write_config,
 )
 from nnx_caption.edits import class_spec
+from nnx_caption.files import copy_file
 from nnx_caption.layers import Execution
 from nnx_caption.model import VisionEncoderDecoder
 from nnx_caption.safetensors_io import (
     FLOAT_DTYPES,
     CheckpointError,
+    NonFiniteError,
     SafetensorsReader,
     write_safetensors,
 )
@@ -167,6 +168,7 @@ IGNORED = re.compile(
 
 HF_WEIGHTS = "model.safetensors"
 HF_INDEX = "model.safetensors.index.json"
+HF_SHARDS = "model-*-of-*.safetensors"
 NNX_WEIGHTS = "nnx_model.safetensors"  # converted layout: keys are NNX paths
 NNX_FORMAT = {"format": "nnx-caption"}
 PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
@@ -281,6 +283,15 @@ def weight_files(directory: str) -> tuple[str, list[str]]:
     raise CheckpointError(f"{directory}: no {HF_WEIGHTS}, {HF_INDEX} or {NNX_WEIGHTS} found")
 
 
+def checkpoint_files(directory: str) -> list[str]:
+    """The weight files a folder holds, of any layout: HF (single, or shards and their index),
+    NNX, PyTorch pickles."""
+    if not os.path.isdir(directory):
+        return []
+    patterns = (HF_WEIGHTS, HF_INDEX, HF_SHARDS, NNX_WEIGHTS, *PICKLE_PATTERNS)
+    return sorted({p for pat in patterns for p in glob.glob(os.path.join(directory, pat))})
+
+
 def path_str(path: tuple) -> str:
     """An NNX state path as the dotted name that new_params, --trainable and --freeze match."""
     return ".".join(map(str, path))
@@ -335,8 +346,9 @@ class Loader:
     from `init(paths) -> {path: array}` first, while nothing else is in memory, so that init's
     temporaries never add to the loaded model's peak; a file holding one still wins.
 
-    Strict: an unexpected tensor, a shape or dtype mismatch and an undeclared missing
-    parameter are errors naming the file and key.
+    Strict: an unexpected tensor, a shape or dtype mismatch, a weight holding NaN or Inf
+    (unless allow_nonfinite) and an undeclared missing parameter are errors naming the file
+    and key.
     """
 
     def __init__(
@@ -346,8 +358,10 @@ class Loader:
         mesh=None,
         new_params: Sequence[str] = (),
         init: Callable[[list[str]], dict[str, jax.Array]] | None = None,
+        allow_nonfinite: bool = False,
     ):
         self.weights = WeightMap(config)
+        self.allow_nonfinite = allow_nonfinite
         self.params = {p: v for p, v in variables.items() if issubclass(v.type, nnx.Param)}
         self.mesh = mesh
         self.source: dict[str, tuple[str, str]] = {}  # NNX path -> (file, key) it came from
@@ -403,7 +417,14 @@ class Loader:
                 f"{file}: tensor {key!r} has dtype {reader.dtype_name(key)}; weights must be "
                 "floating"
             )
-        array = transform.to_nnx(reader.read(key), tuple(var.shape)).astype(var.dtype)
+        try:
+            stored = reader.read(key, allow_nonfinite=self.allow_nonfinite)
+        except NonFiniteError as err:
+            raise NonFiniteError(
+                f"{err}: every output would be NaN. If that is what you want to inspect, "
+                "from_pretrained(..., allow_nonfinite=True) loads it anyway"
+            ) from None
+        array = transform.to_nnx(stored, tuple(var.shape)).astype(var.dtype)
         if path in self.source:  # a tied head stored twice: both copies must agree
             if not np.array_equal(np.asarray(var[...]), array):
                 raise CheckpointError(
@@ -468,6 +489,24 @@ def initial_values(
     return init
 
 
+def init_model(
+    config: CaptionConfig,
+    dtype: jnp.dtype | None = None,
+    *,
+    param_dtype: jnp.dtype = jnp.float32,
+    mesh=None,
+    model_cls: type[nnx.Module] = VisionEncoderDecoder,
+    seed: int = 0,
+) -> nnx.Module:
+    """model_cls's freshly initialised model (no checkpoint), each variable made where `mesh`
+    puts it, by the one jit that makes a checkpoint's new parameters."""
+    graphdef, variables, state = abstract_model(config, dtype, param_dtype, model_cls)
+    init = initial_values(model_cls, config, dtype, param_dtype, seed, variables, mesh)
+    for path, value in init(list(variables)).items():
+        variables[path].set_value(value)
+    return nnx.merge(graphdef, state)
+
+
 def _log_report(what: str, report: LoadReport) -> None:
     logger.info("%s: %s", what, report)
 
@@ -482,6 +521,7 @@ def from_pretrained(
     new_params: Sequence[str] = (),
     execution: Execution | None = None,
     seed: int = 0,
+    allow_nonfinite: bool = False,
     revision: str | None = None,
     cache_dir: str | None = None,
     token: str | None = None,
@@ -493,7 +533,8 @@ def from_pretrained(
     `model_cls(config, dtype=, param_dtype=, rngs=)` builds the model: VisionEncoderDecoder, a
     subclass or a replacement. A parameter the checkpoint lacks is an error unless its NNX path
     fully matches a `new_params` regex: then it keeps model_cls's initial value (from `seed`).
-    `execution` (scan over layers, remat) is how the built model runs its blocks.
+    `execution` (scan over layers, remat) is how the built model runs its blocks. A weight
+    holding NaN or Inf is an error naming it, unless `allow_nonfinite`.
     """
     directory = resolve(path_or_repo_id, revision=revision, cache_dir=cache_dir, token=token)
     config = read_config(directory)
@@ -502,7 +543,7 @@ def from_pretrained(
     layout, files = weight_files(directory)
     graphdef, variables, state = abstract_model(config, dtype, param_dtype, model_cls)
     init = initial_values(model_cls, config, dtype, param_dtype, seed, variables, mesh)
-    loader = Loader(config, variables, mesh, new_params, init)
+    loader = Loader(config, variables, mesh, new_params, init, allow_nonfinite)
     for file in files:
         loader.read(file, layout)
     _log_report(directory, loader.finish(", ".join(files)))
@@ -547,6 +588,7 @@ def from_encoder_decoder_pretrained(
     seed: int = 0,
     dtype: jnp.dtype | None = None,
     param_dtype: jnp.dtype = jnp.float32,
+    allow_nonfinite: bool = False,
     revision: str | None = None,
     cache_dir: str | None = None,
     token: str | None = None,
@@ -576,7 +618,7 @@ def from_encoder_decoder_pretrained(
     graphdef, variables, state = abstract_model(config, dtype, param_dtype)
     new = COMPOSED_NEW if config.needs_enc_to_dec_proj else COMPOSED_NEW[:1]
     init = initial_values(VisionEncoderDecoder, config, dtype, param_dtype, seed, variables)
-    loader = Loader(config, variables, new_params=new, init=init)
+    loader = Loader(config, variables, new_params=new, init=init, allow_nonfinite=allow_nonfinite)
     for directory, rename, role in (
         (enc_dir, _encoder_name, "ViT"),
         (dec_dir, _decoder_name, "GPT-2"),
@@ -608,24 +650,41 @@ def copy_aux_files(src: str, dst: str, names: Sequence[str] = AUX_FILES) -> list
     for name in names:
         path, target = os.path.join(src, name), os.path.join(dst, name)
         if os.path.exists(path) and os.path.abspath(path) != os.path.abspath(target):
-            shutil.copyfile(path, target)
+            copy_file(path, target)
             copied.append(name)
     return copied
 
 
 def save_pretrained(
-    model: VisionEncoderDecoder, out_dir: str | os.PathLike, *, layout: str = "hf"
+    model: VisionEncoderDecoder,
+    out_dir: str | os.PathLike,
+    *,
+    layout: str = "hf",
+    overwrite: bool = False,
 ) -> None:
-    """Writes config.json, generation_config.json and the weights.
+    """Writes config.json, generation_config.json and the weights, each file atomically (a
+    crash mid-save leaves the old one).
 
     layout "hf": model.safetensors that transformers' VisionEncoderDecoderModel loads (a tied
     head is stored once, as transformers does); a model with parameters that have no HF name
     (an edited architecture, unmerged LoRA adapters) is refused before anything is written.
     layout "nnx": nnx_model.safetensors keyed by NNX path, for any model;
     from_pretrained(out_dir, model_cls=type(model)) restores it exactly.
+    A folder holding other weights (the other layout, HF shards, PyTorch pickles) is refused
+    unless `overwrite`: then they are deleted once the new weights are written, since
+    from_pretrained would otherwise pick them.
     """
     if layout not in ("hf", "nnx"):
         raise ValueError(f"layout must be 'hf' or 'nnx', got {layout!r}")
+    out_dir = os.fspath(out_dir)
+    target = os.path.join(out_dir, NNX_WEIGHTS if layout == "nnx" else HF_WEIGHTS)
+    others = [f for f in checkpoint_files(out_dir) if os.path.abspath(f) != os.path.abspath(target)]
+    if others and not overwrite:
+        raise CheckpointError(
+            f"{out_dir} holds other weights ({listing([os.path.basename(f) for f in others])}): "
+            f"saving the {layout} layout there would replace them. Pass overwrite=True "
+            "(CLI: --overwrite) to do so, or save to another folder"
+        )
     config = model.config
     weights = WeightMap(config)
     unnamed = unnamed_params(model) if layout == "hf" else []
@@ -666,17 +725,14 @@ def save_pretrained(
             for n, s in (("weight", (e, e)), ("bias", (e,)))
         ]
     os.makedirs(out_dir, exist_ok=True)
-    file = NNX_WEIGHTS if layout == "nnx" else HF_WEIGHTS
     meta = (
         {**NNX_FORMAT, "model_class": class_spec(type(model))}
         if layout == "nnx"
         else {"format": "pt"}  # transformers checks "pt"
     )
-    write_safetensors(os.path.join(out_dir, file), sorted(specs, key=lambda s: s[0]), meta)
-    # A folder must not hold both layouts: from_pretrained would pick the NNX file.
-    stale = os.path.join(out_dir, HF_WEIGHTS if layout == "nnx" else NNX_WEIGHTS)
-    if os.path.exists(stale):
-        os.remove(stale)
+    write_safetensors(target, sorted(specs, key=lambda s: s[0]), meta)
+    for other in others:  # only after the new weights are complete
+        os.remove(other)
     write_config(config, out_dir)
 
 
@@ -685,8 +741,10 @@ __all__ = [
     "ConfigError",
     "LoadReport",
     "TABLE",
+    "checkpoint_files",
     "from_encoder_decoder_pretrained",
     "from_pretrained",
+    "init_model",
     "save_pretrained",
     "resolve",
 ]

@@ -490,7 +490,7 @@ def export(trainer: Trainer, output_dir: str, source: str) -> str:
     merge_lora(model)  # adapters become plain weights: the export is an ordinary checkpoint
     unnamed = unnamed_params(model)
     layout = "nnx" if unnamed else "hf"
-    save_pretrained(model, output_dir, layout=layout)
+    save_pretrained(model, output_dir, layout=layout, overwrite=True)  # its own output_dir
     copy_aux_files(source, output_dir)
     if unnamed:
         _log(
@@ -636,12 +636,13 @@ HELP = {
 }
 
 
-def build_parser(parser) -> None:
-    """Adds every TrainArgs field as --name (and --name-with-dashes)."""
-    for f in dataclasses.fields(TrainArgs):
+def add_flags(parser, fields_of: type, helps: dict[str, str]) -> None:
+    """Adds every field of the dataclass `fields_of` as --name (and --name-with-dashes), typed
+    from its annotation, with its help and default."""
+    for f in dataclasses.fields(fields_of):
         names = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help_ = f"{HELP[f.name]} (default: {default})"
+        help_ = f"{helps[f.name]} (default: {default})"
         if f.type == "bool":
             parser.add_argument(*names, dest=f.name, action="store_true", help=help_)
         elif f.type == "list[str]":
@@ -649,6 +650,11 @@ def build_parser(parser) -> None:
         else:
             kind = {"int": int, "float": float}.get(f.type.split(" ")[0], str)
             parser.add_argument(*names, dest=f.name, type=kind, default=default, help=help_)
+
+
+def build_parser(parser) -> None:
+    """Adds every TrainArgs field as a flag, and the optional JSON config of them."""
+    add_flags(parser, TrainArgs, HELP)
     parser.add_argument(
         "config",
         nargs="?",

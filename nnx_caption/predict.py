@@ -109,8 +109,7 @@ def _load(path: str, processor: nc.ImageProcessor, thumbnail: bool) -> _Loaded:
     try:
         if os.path.isfile(path) and os.path.getsize(path) == 0:
             return _Loaded(path, None, None, "empty file (0 bytes)")
-        with Image.open(path) as image:  # closes the file, unlike opening by path downstream
-            rgb = _to_rgb(image)
+        rgb = _to_rgb(path)
         return _Loaded(
             path, processor.preprocess_one(rgb), _thumbnail(rgb) if thumbnail else None, None
         )

@@ -14,9 +14,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as _Backend
+
+from nnx_caption.files import replacing
 
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
 TOKENIZER_FILE = "tokenizer.json"
@@ -39,7 +41,7 @@ def _read_json(directory: str, name: str) -> dict[str, Any] | None:
 
 def _write_json(directory: str | os.PathLike, name: str, data: dict[str, Any]) -> None:
     os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, name), "w", encoding="utf-8") as f:
+    with replacing(os.path.join(directory, name), encoding="utf-8") as f:
         json.dump(data, f, indent=2, sort_keys=True, ensure_ascii=False)
         f.write("\n")
 
@@ -49,19 +51,18 @@ def _write_json(directory: str | os.PathLike, name: str, data: dict[str, Any]) -
 # ---------------------------------------------------------------------------------------------
 
 
-def _open_image(image: ImageInput) -> Image.Image | np.ndarray:
-    if isinstance(image, (Image.Image, np.ndarray)):
-        return image
+def _file_to_rgb(image: str | os.PathLike | bytes | bytearray) -> np.ndarray:
+    """An image file's (H, W, 3) uint8 pixels; the file is closed on return."""
     if isinstance(image, (bytes, bytearray)):
         source, what = io.BytesIO(image), f"{len(image)} bytes"
-    elif isinstance(image, (str, os.PathLike)):
-        source, what = os.fspath(image), repr(os.fspath(image))
     else:
-        raise TypeError(f"expected a PIL image, numpy array, path or bytes, got {type(image)}")
+        source, what = os.fspath(image), repr(os.fspath(image))
     try:
-        return Image.open(source)
+        opened = Image.open(source)
     except (OSError, ValueError) as e:  # UnidentifiedImageError is an OSError
         raise ValueError(f"cannot read image from {what}: {e}") from e
+    with opened:
+        return _pil_to_rgb(opened, upright=True)
 
 
 def _array_to_pil(a: np.ndarray) -> Image.Image:
@@ -78,9 +79,13 @@ def _array_to_pil(a: np.ndarray) -> Image.Image:
     return Image.fromarray(a)
 
 
-def _pil_to_rgb(image: Image.Image) -> np.ndarray:
+def _pil_to_rgb(image: Image.Image, upright: bool = False) -> np.ndarray:
+    """(H, W, 3) uint8. `upright`: turned as its EXIF orientation says (phone photos are stored
+    sideways with a tag saying so), which transformers' load_image does to every file."""
     try:
         image.load()  # files decode lazily: make a corrupt or truncated one fail here, clearly
+        if upright:
+            ImageOps.exif_transpose(image, in_place=True)
     except (OSError, ValueError, SyntaxError) as e:
         raise ValueError(f"cannot decode {image.format or ''} image {image.size}: {e}") from e
     # PIL's convert() clips wide modes at 255, which turns most of a 16-bit photo white. So:
@@ -100,9 +105,16 @@ def _pil_to_rgb(image: Image.Image) -> np.ndarray:
 
 
 def _to_rgb(image: ImageInput) -> np.ndarray:
-    """Any supported input -> (H, W, 3) uint8."""
-    image = _open_image(image)
-    rgb = _pil_to_rgb(_array_to_pil(image) if isinstance(image, np.ndarray) else image)
+    """Any supported input -> (H, W, 3) uint8; files (paths, bytes) upright, PIL images and
+    arrays as given, as in transformers."""
+    if isinstance(image, np.ndarray):
+        rgb = _pil_to_rgb(_array_to_pil(image))
+    elif isinstance(image, Image.Image):
+        rgb = _pil_to_rgb(image)
+    elif isinstance(image, (str, os.PathLike, bytes, bytearray)):
+        rgb = _file_to_rgb(image)
+    else:
+        raise TypeError(f"expected a PIL image, numpy array, path or bytes, got {type(image)}")
     if 0 in rgb.shape:
         raise ValueError(f"image is empty: shape {rgb.shape}")
     return rgb
@@ -456,7 +468,8 @@ class Tokenizer:
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write tokenizer.json + tokenizer_config.json, as GPT2TokenizerFast loads them."""
         os.makedirs(directory, exist_ok=True)
-        self.backend.save(os.path.join(directory, TOKENIZER_FILE))
+        with replacing(os.path.join(directory, TOKENIZER_FILE), encoding="utf-8") as f:
+            f.write(self.backend.to_str(pretty=True))
         config = {
             "tokenizer_class": "GPT2Tokenizer",
             "add_prefix_space": bool(

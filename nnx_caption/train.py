@@ -23,7 +23,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from nnx_caption.hf import path_str
 from nnx_caption.model import VisionEncoderDecoder
-from nnx_caption.safetensors_io import SafetensorsReader, write_safetensors
+from nnx_caption.safetensors_io import NonFiniteError, SafetensorsReader, write_safetensors
 from nnx_caption.sharding import place, scalar, to_host
 
 
@@ -235,14 +235,17 @@ class Trainer:
     def model(self) -> VisionEncoderDecoder:
         return nnx.merge(self.graphdef, self.state)[0]
 
-    def _put(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    def put(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         """The global batch onto the mesh; in a multi-host run every process holds the whole
-        batch (the data order is a function of the seed) and contributes its own rows."""
+        batch (the data order is a function of the seed) and contributes its own rows. Arrays
+        already on the devices (an earlier put's) are used as they are."""
         if self.mesh is None:
             return {k: jnp.asarray(v) for k, v in batch.items()}
         index, count = jax.process_index(), jax.process_count()
         return {
-            k: jax.make_array_from_process_local_data(
+            k: v
+            if isinstance(v, jax.Array)
+            else jax.make_array_from_process_local_data(
                 self.batch_sharding, np.array_split(v, count)[index], v.shape
             )
             for k, v in batch.items()
@@ -250,7 +253,7 @@ class Trainer:
 
     def train_step(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         with _mesh_context(self.mesh):
-            self.state, metrics = self._step(self.state, self._put(batch), jnp.int32(self.step))
+            self.state, metrics = self._step(self.state, self.put(batch), jnp.int32(self.step))
         self.step += 1
         return metrics
 
@@ -258,7 +261,7 @@ class Trainer:
         """(summed loss, real tokens) of one batch."""
         with _mesh_context(self.mesh):
             total, count = _eval_step(
-                self.graphdef, self.state, self._put(batch), self.cfg.label_smoothing_factor
+                self.graphdef, self.state, self.put(batch), self.cfg.label_smoothing_factor
             )
         return scalar(total), scalar(count)
 
@@ -302,7 +305,13 @@ class Trainer:
                 raise ValueError(f"{checkpoint}: checkpoint lacks {sorted(missing)[:5]}")
             for name, var in flat.items():
                 old = var[...]
-                value = reader.read(name).astype(old.dtype)
+                try:
+                    value = reader.read(name).astype(old.dtype)
+                except NonFiniteError as err:
+                    raise NonFiniteError(
+                        f"{err}: the run had diverged when this checkpoint was saved. Move "
+                        f"{checkpoint} away to resume from the one before it"
+                    ) from None
                 var[...] = place(value, old.sharding)
         with open(os.path.join(checkpoint, "meta.json"), encoding="utf-8") as f:
             meta = json.load(f)

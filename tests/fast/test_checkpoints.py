@@ -15,6 +15,7 @@ import pytest
 from flax import nnx
 
 import nnx_caption as nc
+from nnx_caption.cli import main as cli
 from nnx_caption.config import tiny
 from nnx_caption.safetensors_io import SafetensorsReader, write_safetensors
 
@@ -237,6 +238,57 @@ def test_converted_layout_round_trip(ckpt, tmp_path):
         assert r.shape("encoder.blocks.0.attn.q.kernel") == (32, 4, 8)
     again = nc.from_pretrained(tmp_path / "nnx")
     np.testing.assert_array_equal(again(*_inputs()), model(*_inputs()))
+
+
+def _files(folder: pathlib.Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_convert_and_export_in_place_refuse_and_leave_the_source_unchanged(ckpt, tmp_path, capsys):
+    before = _files(ckpt)
+    for command in ("convert", "export"):
+        assert cli([command, str(ckpt), str(ckpt)]) == 2
+        err = capsys.readouterr().err
+        assert "is the source folder" in err and "model.safetensors" in err and "--overwrite" in err
+    assert _files(ckpt) == before
+
+    other = tmp_path / "other"
+    shutil.copytree(ckpt, other)
+    assert cli(["convert", str(ckpt), str(other)]) == 2
+    assert "holds a checkpoint (model.safetensors)" in capsys.readouterr().err
+    assert _files(other) == before
+
+    want = nc.from_pretrained(ckpt)(*_inputs())
+    assert cli(["convert", str(ckpt), str(ckpt), "--overwrite"]) == 0
+    assert not (ckpt / "model.safetensors").exists()  # one layout per folder
+    np.testing.assert_array_equal(nc.from_pretrained(ckpt)(*_inputs()), want)
+
+
+def test_save_pretrained_refuses_a_folder_holding_other_weights(ckpt):
+    model = nc.from_pretrained(ckpt)
+    before = _files(ckpt)
+    with pytest.raises(nc.CheckpointError, match=r"holds other weights \(model.safetensors\)"):
+        nc.save_pretrained(model, ckpt, layout="nnx")
+    assert _files(ckpt) == before
+    nc.save_pretrained(model, ckpt)  # the same layout is rewritten, as transformers does
+    assert _files(ckpt) == before
+    nc.save_pretrained(model, ckpt, layout="nnx", overwrite=True)
+    assert not (ckpt / "model.safetensors").exists()
+    assert (ckpt / "nnx_model.safetensors").exists()
+
+
+def test_a_crash_mid_save_leaves_the_old_file(ckpt):
+    path = ckpt / "model.safetensors"
+    before = path.read_bytes()
+
+    def crash():
+        raise KeyboardInterrupt  # e.g. Ctrl-C while the second tensor is being written
+
+    tensors = [("a", (2,), np.float32, lambda: np.ones(2, "f4")), ("b", (2,), np.float32, crash)]
+    with pytest.raises(KeyboardInterrupt):
+        write_safetensors(path, tensors)
+    assert path.read_bytes() == before
+    assert not [n for n in os.listdir(ckpt) if ".tmp" in n]  # no partial file left behind
 
 
 def test_not_a_folder(tmp_path):

@@ -11,6 +11,7 @@ from PIL import Image
 from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoImageProcessor, AutoTokenizer, GPT2TokenizerFast
+from transformers.image_utils import load_image
 from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
 
 from nnx_caption.processing import ImageProcessor, Tokenizer
@@ -153,6 +154,25 @@ def test_encoded_image_bytes_match():
     Image.fromarray(_pixels(33, 20, 3, seed=7)).save(buffer, format="PNG")
     ref = reference({}, Image.open(io.BytesIO(buffer.getvalue())))
     assert_close(ImageProcessor()(buffer.getvalue()), ref)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_is_applied_to_files_as_load_image_does(orientation, tmp_path):
+    """A phone photo: stored sideways (40 x 24), with an EXIF tag saying how to turn it. Files
+    (paths, bytes) are turned upright as transformers' load_image turns them; a PIL image
+    passed in is used as given, as ViTImageProcessorPil uses it."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation  # Orientation
+    path = tmp_path / "photo.jpg"
+    Image.fromarray(_pixels(24, 40, 3, seed=orientation)).save(path, quality=95, exif=exif)
+    config = {"size": {"height": 30, "width": 20}}
+    upright = reference(config, load_image(str(path)))
+    assert_close(ImageProcessor(**config)(str(path)), upright)
+    assert_close(ImageProcessor(**config)(path.read_bytes()), upright)
+    with Image.open(path) as stored:
+        assert_close(ImageProcessor(**config)(stored), reference(config, stored))
+        if orientation >= 5:  # a quarter turn: upright is 24 wide, 40 tall
+            assert load_image(str(path)).size == (24, 40) and stored.size == (40, 24)
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: ",".join(map(str, c)) or "default")

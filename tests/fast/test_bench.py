@@ -1,0 +1,109 @@
+"""`nnx-caption bench` on the tiny preset: it writes bench.json for training and decoding, its
+training FLOPs are XLA's count of the unrolled step (scanned or not), an edited model counts
+its extra layer, and MFU is FLOPs / time / peak."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import pathlib
+
+import jax
+import pytest
+from flax import nnx
+
+from nnx_caption import bench
+from nnx_caption.cli import main as cli
+from nnx_caption.config import tiny
+from nnx_caption.hf import init_model
+from nnx_caption.train import TrainConfig, loss_and_grads
+
+EXAMPLE = pathlib.Path(__file__).parents[2] / "examples" / "gated_cross_attention.py"
+KEYS = {
+    "what",
+    "backend",
+    "device_kind",
+    "devices",
+    "compile_s",
+    "step_time_s",
+    "step_time_spread_s",
+    "examples_per_s",
+    "tokens_per_s",
+    "flops_per_step",
+    "analytic_flops_per_step",
+    "tflops",
+    "peak_tflops",
+    "mfu",
+    "peak_memory_bytes",
+}
+
+
+def _train(**kwargs) -> dict:
+    args = bench.BenchArgs(preset="tiny", what="train", steps=1, warmup=0, **kwargs)
+    return bench.run(args)[0]
+
+
+def _unrolled_count(batch: dict) -> float:
+    """XLA's FLOPs of the stock tiny model's forward + backward, blocks unrolled, no remat."""
+    graphdef, state = nnx.split(init_model(tiny()))
+    cfg = TrainConfig()
+
+    def grads(state, batch):
+        return loss_and_grads(nnx.merge(graphdef, state), batch, jax.random.key(0), cfg)
+
+    return float(jax.jit(grads).lower(state, batch).cost_analysis()["flops"])
+
+
+@pytest.fixture(scope="module")
+def stock(tmp_path_factory) -> tuple[list[dict], str]:
+    """The CLI on the stock tiny preset, training and decoding: (bench.json, stdout)."""
+    out = tmp_path_factory.mktemp("bench")
+    argv = ["bench", "--preset", "tiny", "--steps", "2", "--warmup", "0", "--num-beams", "2"]
+    printed = io.StringIO()  # module scope: capsys is per test
+    with contextlib.redirect_stdout(printed):
+        assert cli([*argv, "--output_dir", str(out)]) == 0
+    return json.loads((out / "bench.json").read_text()), printed.getvalue()
+
+
+def test_bench_writes_bench_json_for_train_and_decode(stock):
+    results, printed = stock
+    assert [r["what"] for r in results] == ["decode", "train"]
+    for r in results:
+        assert KEYS <= set(r), KEYS - set(r)
+        assert r["backend"] == "cpu" and r["devices"] == jax.device_count()
+        assert r["step_time_s"] > 0 and r["peak_memory_bytes"] > 0
+        # MFU is FLOPs / time / peak, the peak measured on this CPU.
+        assert r["mfu"] == pytest.approx(
+            r["flops_per_step"] / r["step_time_s"] / (r["peak_tflops"] * 1e12)
+        )
+        assert r["tflops"] == pytest.approx(r["flops_per_step"] / r["step_time_s"] / 1e12)
+    decode, train = results
+    images = 8 * jax.device_count()  # the default per-device batch
+    assert decode["num_beams"] == 2 and decode["images"] == images
+    assert decode["examples_per_s"] == pytest.approx(images / decode["step_time_s"])
+    assert train["tokens_per_s"] == pytest.approx(images * 32 / train["step_time_s"])
+    assert "| decode |" in printed and "| train |" in printed and "bench.json" in printed
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scan"])
+def test_train_flops_are_xla_count_of_the_unrolled_step(stock, scan):
+    result = _train(scan_layers=True) if scan else stock[0][1]
+    host = bench.train_batch(tiny(), 8 * jax.device_count(), 32, 1)
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in host.items()}
+    assert result["flops_per_step"] == _unrolled_count(batch)
+    # The analytic count (matmuls only) lies close beside it.
+    assert result["analytic_flops_per_step"] == pytest.approx(result["flops_per_step"], rel=0.15)
+
+
+def test_an_edited_model_counts_its_extra_layer(stock):
+    edited = _train(model_class=f"{EXAMPLE}:GatedCaptioner")
+    assert edited["flops_per_step"] > stock[0][1]["flops_per_step"]
+    assert edited["model_class"].endswith("GatedCaptioner")
+
+
+def test_bad_flags_are_usage_errors(capsys):
+    assert cli(["bench", "--preset", "tiny", "--model_name_or_path", "x"]) == 2
+    assert "one of --model_name_or_path and --preset" in capsys.readouterr().err
+    assert cli(["bench", "--preset", "small"]) == 2
+    assert "--preset 'small'" in capsys.readouterr().err
