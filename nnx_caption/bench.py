@@ -162,6 +162,7 @@ def build_model(a: BenchArgs, mesh):
     """The model under test: a checkpoint, or a preset's configuration with random weights
     (nothing downloaded), built as `a` says (dtype, scan, remat, class, mesh)."""
     from nnx_caption import config as config_lib
+    from nnx_caption.config import ConfigError
     from nnx_caption.edits import model_class
     from nnx_caption.hf import from_pretrained, init_model
     from nnx_caption.layers import Execution
@@ -179,7 +180,7 @@ def build_model(a: BenchArgs, mesh):
             execution=execution,
         )
         if a.image_size not in (None, model.config.encoder.image_size):
-            raise ValueError(
+            raise ConfigError(
                 f"--image_size {a.image_size}: {a.model_name_or_path} was trained at "
                 f"{model.config.encoder.image_size} (its position embeddings fix it); "
                 "--image_size applies to --preset"
@@ -402,4 +403,15 @@ def args_from_namespace(ns: argparse.Namespace) -> BenchArgs:
         )
     if a.steps < 1 or a.warmup < 0:
         raise ValueError("--steps must be >= 1 and --warmup >= 0")
+    if min(a.per_device_batch_size, a.target_length, a.max_length - 1, a.num_beams) < 1:
+        raise ValueError(
+            "--per_device_batch_size, --target_length and --num_beams must be >= 1, "
+            "--max_length >= 2"
+        )
+    try:
+        from nnx_caption.layers import Execution
+
+        Execution(remat_policy=a.remat_policy)
+    except ValueError as err:
+        raise ValueError(f"--remat_policy: {err}") from None
     return a

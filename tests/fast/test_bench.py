@@ -19,7 +19,9 @@ from nnx_caption.config import tiny
 from nnx_caption.hf import init_model
 from nnx_caption.train import TrainConfig, loss_and_grads
 
-EXAMPLE = pathlib.Path(__file__).parents[2] / "examples" / "gated_cross_attention.py"
+ROOT = pathlib.Path(__file__).parents[2]
+EXAMPLE = ROOT / "examples" / "gated_cross_attention.py"
+TINY = ROOT / "weights" / "tiny"
 KEYS = {
     "what",
     "backend",
@@ -107,3 +109,8 @@ def test_bad_flags_are_usage_errors(capsys):
     assert "one of --model_name_or_path and --preset" in capsys.readouterr().err
     assert cli(["bench", "--preset", "small"]) == 2
     assert "--preset 'small'" in capsys.readouterr().err
+    assert cli(["bench", "--preset", "tiny", "--remat_policy", "all"]) == 2
+    assert "--remat_policy" in capsys.readouterr().err
+    assert cli(["bench", "--model_name_or_path", str(TINY), "--image_size", "64"]) == 2
+    err = capsys.readouterr().err
+    assert "--image_size 64" in err and "trained at 32" in err
