@@ -102,7 +102,8 @@ def parse_header(raw: bytes, data_size: int) -> tuple[dict[str, str], dict[str, 
         raise ValueError("header nests too deeply to be a safetensors header") from None
     if not isinstance(header, dict):
         raise ValueError("header is not a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata  # null is allowed; [], 0 and "" are not
     if not isinstance(metadata, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
     ):

@@ -116,6 +116,11 @@ def _metadata_a_list(h):
     return "__metadata__"
 
 
+def _metadata_an_empty_list(h):
+    h["__metadata__"] = []
+    return "__metadata__"
+
+
 def _gap(h):
     _, second = _neighbours(h)
     h[second]["data_offsets"] = [o + 8 for o in h[second]["data_offsets"]]
@@ -152,6 +157,7 @@ HEADER_EDITS = [
     (_boolean_shape, "non-negative integers"),
     (_metadata_not_strings, "must map strings to strings"),
     (_metadata_a_list, "must map strings to strings"),
+    (_metadata_an_empty_list, "must map strings to strings"),
     (_gap, "gap"),
     (_lowercase_dtype, "unsupported dtype"),
     (_string_offsets, "data_offsets"),
