@@ -8,14 +8,13 @@ import os
 import platform
 import re
 import shutil
-import statistics
 import subprocess
 import sys
-import time
 from importlib import metadata
 from pathlib import Path
 
 from nnx_caption.bench import chip_peak as peak_flops  # noqa: F401 - the benchmarks' peak
+from nnx_caption.bench import timed as bench_timed
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_CHECKPOINT = HERE / ".cache" / "vit-gpt2-random"
@@ -101,17 +100,11 @@ def run_hf_flax(task: str, checkpoint: Path, inputs: Path, **options) -> dict | 
 
 
 def timed(fn, repeats: int) -> tuple[float, float, object]:
-    """(first call seconds, median of `repeats` later calls, last result). `fn` must wait for
+    """(first call seconds, median of `repeats` later calls, last result), by `nnx-caption
+    bench`'s own timing (bench.timed, no warm-up beyond the first call). `fn` must wait for
     its own result (jax.block_until_ready), or the times measure dispatch only."""
-    t = time.perf_counter()
-    out = fn()
-    first = time.perf_counter() - t
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t)
-    return first, statistics.median(times), out
+    times, outputs = bench_timed(fn, repeats, warmup=0)
+    return times["first_call_s"], times["step_time_s"], outputs[-1]
 
 
 def machine() -> dict[str, str]:

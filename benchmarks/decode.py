@@ -67,7 +67,7 @@ def main() -> None:
         kw = dict(max_length=MAX_LENGTH, min_length=MAX_LENGTH, num_beams=beams)
         knobs = bench.BenchArgs(num_beams=beams, max_length=MAX_LENGTH, steps=args.repeats)
         r = bench.bench_decode(ours, knobs, None, pixels)  # `nnx-caption bench`'s own timing
-        first, ours_s, out = r["first_call_s"], r["step_time_s"], np.array(r["sequences"])
+        first, ours_s, out = r["first_call_s"], r["step_time_s"], r["sequences"]
         torch_pixels = torch.from_numpy(pixels).permute(0, 3, 1, 2)
         with torch.no_grad():
             ref.generate(pixel_values=torch_pixels, **kw)  # warm-up

@@ -22,9 +22,7 @@ import argparse
 import json
 import os
 import resource
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -77,20 +75,15 @@ def train_inputs(batch: int, length: int, vocab: int, start: int, seed: int = 0)
 
 
 def timed_steps(step, repeats: int) -> dict:
-    """First call (compile + run) apart, one warm-up, then `repeats` timed steps."""
-    t = time.perf_counter()
-    losses = [step()]
-    first = time.perf_counter() - t
-    losses.append(step())
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        losses.append(step())
-        times.append(time.perf_counter() - t)
+    """First call (compile + run) apart, one warm-up, then `repeats` timed steps: bench.timed,
+    the timing `nnx-caption bench` and the nnx-caption side use."""
+    from nnx_caption.bench import timed
+
+    times, losses = timed(step, repeats, warmup=1)
     return dict(
-        first_s=first,
-        median_s=statistics.median(times),
-        times_s=times,
+        first_s=times["first_call_s"],
+        median_s=times["step_time_s"],
+        times_s=times["step_times_s"],
         losses=losses[:3],
         peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     )
