@@ -13,7 +13,7 @@ or, through the CLI, on any checkpoint and data:
     nnx-caption train --model_name_or_path weights/tiny \\
         --model_class examples/gated_cross_attention.py:GatedCaptioner \\
         --new_params 'decoder\\.blocks\\.\\d+\\.gated\\..*' ...
-    nnx-caption predict OUT/run images/ --output-dir OUT/predict \\
+    nnx-caption predict OUT/run images/ --output_dir OUT/predict \\
         --model_class examples/gated_cross_attention.py:GatedCaptioner
 """
 

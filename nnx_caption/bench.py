@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nnx_caption.flags import ModelArgs, UsageError, add_flags, flag, from_namespace
+
 # Dense peak FLOP/s of one chip, (bfloat16, float32), by the device_kind jax reports. float32
 # is what XLA's default precision makes of a float32 matmul there (FP32_POLICY).
 PEAKS: dict[str, tuple[float, float]] = {
@@ -131,31 +133,28 @@ def peak_memory() -> tuple[int, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process peak RSS"
 
 
-@dataclasses.dataclass
-class BenchArgs:
-    model_name_or_path: str | None = None
-    preset: str | None = None
-    model_class: str | None = None
-    new_params: list[str] = dataclasses.field(default_factory=list)
-    what: str = "both"
-    per_device_batch_size: int = 8
-    target_length: int = 32
-    image_size: int | None = None
-    dtype: str = "float32"
-    scan_layers: bool = False
-    gradient_checkpointing: bool = False
-    remat_policy: str | None = None
-    captions_per_image: int = 1
-    mesh_data: int = -1
-    mesh_fsdp: int = 1
-    mesh_tensor: int = 1
-    num_beams: int = 1
-    max_length: int = 16
-    steps: int = 10
-    warmup: int = 2
-    seed: int = 0
-    output_dir: str = "out/bench"
-    profile: str | None = None
+@dataclasses.dataclass(frozen=True)
+class BenchArgs(ModelArgs):
+    """What to time, and how. The flags of `bench` are these and the model's (ModelArgs,
+    spelled as `train` spells them)."""
+
+    preset: str | None = flag(
+        None, f"random weights of a built-in configuration: {' | '.join(PRESETS)}"
+    )
+    what: str = flag("both", "train | decode | both")
+    per_device_batch_size: int = flag(8, "captions (train) or images (decode) per device")
+    target_length: int = flag(32, "caption tokens per training example")
+    image_size: int | None = flag(None, "image side in pixels (--preset only)")
+    captions_per_image: int = flag(
+        1, "k captions per image in a training batch (each image encoded once)"
+    )
+    num_beams: int = flag(1, "beams of the decoding search (1: greedy)")
+    max_length: int = flag(16, "decoded length, counting the start token (EOS suppressed)")
+    steps: int = flag(10, "timed calls per workload (the median is reported)")
+    warmup: int = flag(2, "untimed calls after the compiling one")
+    seed: int = flag(0, "seed of the random weights and inputs")
+    output_dir: str = flag("out/bench", "where bench.json is written")
+    profile: str | None = flag(None, "write a jax profiler trace of a few calls to this folder")
 
 
 def build_model(a: BenchArgs, mesh):
@@ -164,21 +163,10 @@ def build_model(a: BenchArgs, mesh):
     from nnx_caption import config as config_lib
     from nnx_caption.config import ConfigError
     from nnx_caption.edits import model_class
-    from nnx_caption.hf import from_pretrained, init_model
-    from nnx_caption.layers import Execution
+    from nnx_caption.hf import init_model
 
-    execution = Execution(a.scan_layers, a.gradient_checkpointing, a.remat_policy)
-    dtype = None if a.dtype == "float32" else jnp.dtype(a.dtype)
-    cls = model_class(a.model_class)
     if a.model_name_or_path:
-        model = from_pretrained(
-            a.model_name_or_path,
-            dtype,
-            mesh=mesh,
-            model_cls=cls,
-            new_params=a.new_params,
-            execution=execution,
-        )
+        model = a.load(a.model_name_or_path, mesh, seed=a.seed)
         if a.image_size not in (None, model.config.encoder.image_size):
             raise ConfigError(
                 f"--image_size {a.image_size}: {a.model_name_or_path} was trained at "
@@ -190,9 +178,10 @@ def build_model(a: BenchArgs, mesh):
     encoder = config.encoder
     if a.image_size is not None:
         encoder = dataclasses.replace(encoder, image_size=a.image_size)
-    config = dataclasses.replace(config, encoder=encoder, execution=execution)
+    config = dataclasses.replace(config, encoder=encoder, execution=a.execution())
     config.validate()
-    return init_model(config, dtype, mesh=mesh, model_cls=cls, seed=a.seed)
+    cls = model_class(a.model_class)
+    return init_model(config, a.compute_dtype(), mesh=mesh, model_cls=cls, seed=a.seed)
 
 
 def train_batch(config, batch: int, length: int, per_image: int, seed: int = 0) -> dict:
@@ -227,7 +216,7 @@ def bench_train(model, a: BenchArgs, mesh, batch: dict | None = None) -> dict:
     from nnx_caption import flops
     from nnx_caption.train import TrainConfig, Trainer
 
-    cfg = TrainConfig(total_steps=10**6, new_params=tuple(a.new_params), seed=a.seed)
+    cfg = TrainConfig(total_steps=10**6, new_params=a.new_params, seed=a.seed)
     if batch is None:
         size = a.per_device_batch_size * jax.device_count()
         batch = train_batch(model.config, size, a.target_length, a.captions_per_image, a.seed)
@@ -294,9 +283,7 @@ def bench_decode(model, a: BenchArgs, mesh, pixels: np.ndarray | None = None) ->
 def run(a: BenchArgs, command: str = "") -> list[dict]:
     """Measures the workloads `a.what` names (decoding first, so that its peak memory is its
     own); writes bench.json in a.output_dir and returns its list."""
-    from nnx_caption.sharding import make_mesh
-
-    mesh = make_mesh(a.mesh_data, a.mesh_fsdp, a.mesh_tensor) if jax.device_count() > 1 else None
+    mesh = a.mesh()
     model = build_model(a, mesh)
     device = jax.devices()[0]
     peak, peak_source = peak_flops(a.dtype)
@@ -351,67 +338,31 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-HELP = {
-    "model_name_or_path": "checkpoint folder (HF or NNX layout) or hub repo id",
-    "preset": f"random weights of a built-in configuration: {' | '.join(PRESETS)}",
-    "model_class": "FILE.py:Class or module:Class: an edited architecture",
-    "new_params": "with --model_name_or_path: regexes of parameters the checkpoint lacks",
-    "what": "train | decode | both",
-    "per_device_batch_size": "captions (train) or images (decode) per device",
-    "target_length": "caption tokens per training example",
-    "image_size": "image side in pixels (--preset only)",
-    "dtype": "compute dtype: float32 | bfloat16 (parameters stay float32)",
-    "scan_layers": "run each stack of blocks as one lax.scan",
-    "gradient_checkpointing": "remat every block in the backward pass",
-    "remat_policy": "with --gradient_checkpointing, a jax.checkpoint_policies name",
-    "captions_per_image": "k captions per image in a training batch (each image encoded once)",
-    "mesh_data": "data-parallel mesh axis (-1: what the other axes leave)",
-    "mesh_fsdp": "FSDP mesh axis",
-    "mesh_tensor": "tensor-parallel mesh axis",
-    "num_beams": "beams of the decoding search (1: greedy)",
-    "max_length": "decoded length, counting the start token (EOS suppressed)",
-    "steps": "timed calls per workload (the median is reported)",
-    "warmup": "untimed calls after the compiling one",
-    "seed": "seed of the random weights and inputs",
-    "output_dir": "where bench.json is written",
-    "profile": "write a jax profiler trace of a few calls to this folder",
-}
-
-
 def build_parser(parser: argparse.ArgumentParser) -> None:
-    """Every BenchArgs field as --name (and --name-with-dashes), as `train` spells its flags."""
-    from nnx_caption.loop import add_flags
-
-    add_flags(parser, BenchArgs, HELP)
+    """Every BenchArgs flag, spelled as `train` spells its flags."""
+    add_flags(parser, BenchArgs)
 
 
 def args_from_namespace(ns: argparse.Namespace) -> BenchArgs:
-    """BenchArgs from parsed flags, checked; a bad combination is a ValueError saying which."""
-    a = BenchArgs(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(BenchArgs)})
+    """BenchArgs from parsed flags, checked; a bad combination is a UsageError saying which."""
+    a = from_namespace(BenchArgs, ns)
+    a.check()
     if bool(a.model_name_or_path) == bool(a.preset):
-        raise ValueError("give one of --model_name_or_path and --preset")
+        raise UsageError("give one of --model_name_or_path and --preset")
     if a.preset and a.preset not in PRESETS:
-        raise ValueError(f"--preset {a.preset!r}: choose {' or '.join(PRESETS)}")
+        raise UsageError(f"--preset {a.preset!r}: choose {' or '.join(PRESETS)}")
     if a.what not in ("train", "decode", "both"):
-        raise ValueError(f"--what {a.what!r}: choose train, decode or both")
-    if a.dtype not in ("float32", "bfloat16"):
-        raise ValueError(f"--dtype {a.dtype!r}: choose float32 or bfloat16")
+        raise UsageError(f"--what {a.what!r}: choose train, decode or both")
     if a.captions_per_image < 1 or a.per_device_batch_size % a.captions_per_image:
-        raise ValueError(
+        raise UsageError(
             f"--captions_per_image {a.captions_per_image} must divide --per_device_batch_size "
             f"{a.per_device_batch_size}"
         )
     if a.steps < 1 or a.warmup < 0:
-        raise ValueError("--steps must be >= 1 and --warmup >= 0")
+        raise UsageError("--steps must be >= 1 and --warmup >= 0")
     if min(a.per_device_batch_size, a.target_length, a.max_length - 1, a.num_beams) < 1:
-        raise ValueError(
+        raise UsageError(
             "--per_device_batch_size, --target_length and --num_beams must be >= 1, "
             "--max_length >= 2"
         )
-    try:
-        from nnx_caption.layers import Execution
-
-        Execution(remat_policy=a.remat_policy)
-    except ValueError as err:
-        raise ValueError(f"--remat_policy: {err}") from None
     return a

@@ -10,7 +10,8 @@ import sys
 from nnx_caption.config import ConfigError
 from nnx_caption.data import DataError
 from nnx_caption.edits import ModelClassError
-from nnx_caption.predict import UsageError, predict
+from nnx_caption.flags import UsageError, add_argument
+from nnx_caption.predict import predict
 from nnx_caption.safetensors_io import CheckpointError
 
 
@@ -85,10 +86,10 @@ def _add_compose(sub) -> None:
     p = sub.add_parser("compose", help=help_, description=help_)
     p.add_argument("--encoder", required=True, help="ViT checkpoint folder or hub repo id")
     p.add_argument("--decoder", required=True, help="GPT-2 checkpoint folder or hub repo id")
-    p.add_argument("--output_dir", "--output-dir", dest="output_dir", required=True)
+    add_argument(p, "output_dir", required=True, help="a new folder for the composed model")
     p.add_argument("--seed", type=int, default=0, help="seed of the new cross-attention weights")
     p.add_argument("--revision", help="hub revision (branch, tag or commit) of both")
-    p.add_argument("--cache_dir", "--cache-dir", dest="cache_dir", help="huggingface_hub cache")
+    add_argument(p, "cache_dir", help="huggingface_hub cache folder")
 
 
 def _add_predict(sub) -> None:
@@ -102,18 +103,23 @@ def _add_predict(sub) -> None:
         help="image file, folder (searched recursively), quoted glob pattern, or a "
         ".csv / .jsonl / .json file with an image column (paths relative to that file)",
     )
-    p.add_argument("--output-dir", required=True, help="folder for the results")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--num-beams", type=int, help="default: the checkpoint's generation config")
-    p.add_argument("--max-length", type=int, help="counts the start token")
-    p.add_argument("--max-new-tokens", type=int, help="wins over --max-length")
-    p.add_argument("--image-column", default="image", help="column of csv/jsonl/json inputs")
+    add_argument(p, "output_dir", required=True, help="folder for the results")
+    add_argument(p, "batch_size", type=int, default=8, help="images per search (default: 8)")
+    add_argument(p, "num_beams", type=int, help="default: the checkpoint's generation config")
+    add_argument(p, "max_length", type=int, help="counts the start token")
+    add_argument(p, "max_new_tokens", type=int, help="wins over --max_length")
+    add_argument(p, "image_column", default="image", help="column of csv/jsonl/json inputs")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--limit", type=int, help="caption only the first N images")
-    p.add_argument("--gallery-size", type=int, default=1000, help="images shown in gallery.html")
+    add_argument(p, "gallery_size", type=int, default=1000, help="images shown in gallery.html")
+    _add_source_flags(p)
+
+
+def _add_source_flags(p: argparse.ArgumentParser) -> None:
+    """Where a checkpoint comes from and what class it holds: predict, convert and export."""
     p.add_argument("--revision", help="hub revision (branch, tag or commit)")
-    p.add_argument("--cache-dir", help="huggingface_hub cache folder")
-    p.add_argument("--model_class", "--model-class", dest="model_class", help=MODEL_CLASS_HELP)
+    add_argument(p, "cache_dir", help="huggingface_hub cache folder")
+    add_argument(p, "model_class", help=MODEL_CLASS_HELP)
 
 
 MODEL_CLASS_HELP = (
@@ -148,10 +154,7 @@ def _predict(args: argparse.Namespace) -> None:
 def _bench(args: argparse.Namespace, argv: list[str]) -> None:
     from nnx_caption import bench
 
-    try:
-        options = bench.args_from_namespace(args)
-    except ValueError as err:
-        raise UsageError(str(err)) from None
+    options = bench.args_from_namespace(args)
     results = bench.run(options, command=" ".join(["nnx-caption", *argv]))
     print(bench.table(results))
     print(f"{results[0]['peak_source']}; wrote {os.path.join(options.output_dir, 'bench.json')}")
@@ -167,9 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_, description=help_)
         p.add_argument("src", help="checkpoint folder (HF or NNX layout) or hub repo id")
         p.add_argument("dst", help="output folder")
-        p.add_argument("--revision", help="hub revision (branch, tag or commit)")
-        p.add_argument("--cache-dir", help="huggingface_hub cache folder")
-        p.add_argument("--model_class", "--model-class", dest="model_class", help=MODEL_CLASS_HELP)
+        _add_source_flags(p)
         p.add_argument(
             "--overwrite",
             action="store_true",

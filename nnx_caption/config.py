@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from nnx_caption.files import replacing
+from nnx_caption import files
 from nnx_caption.layers import ACTIVATIONS, Execution
 
 
@@ -243,15 +243,10 @@ def read_config(directory: str | os.PathLike) -> CaptionConfig:
 
 
 def read_json(path: str) -> dict[str, Any]:
-    if not os.path.exists(path):
+    """A config file's JSON object; a ConfigError when it is missing or not one."""
+    data = files.read_json(path, ConfigError)
+    if data is None:
         raise ConfigError(f"{path} is missing: a checkpoint folder needs its config.json")
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{path} is not valid JSON: {err}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path} must hold a JSON object")
     return data
 
 
@@ -260,7 +255,7 @@ def write_config(config: CaptionConfig, directory: str | os.PathLike) -> None:
         ("config.json", config.to_hf()),
         ("generation_config.json", config.generation_to_hf()),
     ):
-        with replacing(os.path.join(directory, name), encoding="utf-8") as f:
+        with files.replacing(os.path.join(directory, name), encoding="utf-8") as f:
             json.dump(data, f, indent=2, sort_keys=True)
             f.write("\n")
 

@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import time
+from dataclasses import replace
 
 import jax
 from flax import nnx
 
-from nnx_caption.config import CaptionConfig, GenerationConfig, GPT2Config, ViTConfig
+from nnx_caption.config import CaptionConfig, GenerationConfig, tiny
 from nnx_caption.data import load_split, make_shapes, train_caption_tokenizer
 from nnx_caption.hf import save_pretrained
-from nnx_caption.loop import TrainArgs, run
+from nnx_caption.loop import args_from_namespace, run
 from nnx_caption.model import VisionEncoderDecoder
 from nnx_caption.processing import ImageProcessor, Tokenizer
 
@@ -25,35 +27,37 @@ IMAGE_SIZE = 32
 
 
 def demo_config(tok: Tokenizer) -> CaptionConfig:
-    """A ViT (4x4 patches) + GPT-2 of width 96, two layers each: it learns the shapes
-    grammar in a few minutes on two CPU cores."""
-    eos = tok.eos_token_id
-    return CaptionConfig(
-        encoder=ViTConfig(
-            hidden_size=96,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=384,
-            image_size=IMAGE_SIZE,
-            patch_size=4,
-        ),
-        decoder=GPT2Config(
-            vocab_size=tok.vocab_size,
-            n_positions=32,
-            n_embd=96,
-            n_layer=2,
-            n_head=4,
-            resid_pdrop=0.0,
-            embd_pdrop=0.0,
-            attn_pdrop=0.0,
-            bos_token_id=eos,
-            eos_token_id=eos,
-        ),
-        decoder_start_token_id=eos,
-        pad_token_id=eos,
-        eos_token_id=eos,
-        generation=GenerationConfig(max_length=16, num_beams=1),
+    """The tiny preset (config.tiny) made wider (96), with 4x4 patches, the shapes tokenizer's
+    vocabulary, no dropout and its end-of-text token as every special token: it learns the
+    shapes grammar in a few minutes on two CPU cores."""
+    base, eos = tiny(), tok.eos_token_id
+    encoder = replace(base.encoder, hidden_size=96, intermediate_size=384, patch_size=4)
+    decoder = replace(
+        base.decoder,
+        vocab_size=tok.vocab_size,
+        n_positions=32,
+        n_embd=96,
+        **dict.fromkeys(("resid_pdrop", "embd_pdrop", "attn_pdrop"), 0.0),
+        **dict.fromkeys(("bos_token_id", "eos_token_id"), eos),
     )
+    return replace(
+        base,
+        encoder=encoder,
+        decoder=decoder,
+        generation=GenerationConfig(max_length=16, num_beams=1),
+        **dict.fromkeys(("decoder_start_token_id", "pad_token_id", "eos_token_id"), eos),
+    )
+
+
+# What `make demo` asks of `nnx-caption train`, besides where things are: printed as a command
+# line, to be run again or changed.
+TRAIN_FLAGS = """
+    --do_train --do_eval --do_predict --predict_with_generate --overwrite_output_dir
+    --image_column file_name --caption_column text --max_target_length 16
+    --per_device_train_batch_size 32 --per_device_eval_batch_size 50
+    --learning_rate 2e-3 --weight_decay 0.01 --warmup_steps 100
+    --logging_steps 50 --save_steps 400 --save_total_limit 2 --num_beams 1
+"""
 
 
 def run_demo(out: str = "out/demo", steps: int = 3000, seed: int = 0) -> dict:
@@ -75,32 +79,14 @@ def run_demo(out: str = "out/demo", steps: int = 3000, seed: int = 0) -> dict:
     print(f"model from scratch: {init} ({_count(config)} parameters, vocab {tok.vocab_size})")
 
     run_dir = os.path.join(out, "run")
-    args = TrainArgs(
-        model_name_or_path=init,
-        output_dir=run_dir,
-        overwrite_output_dir=True,
-        do_train=True,
-        do_eval=True,
-        do_predict=True,
-        train_file=splits["train"],
-        validation_file=splits["validation"],
-        test_file=splits["test"],
-        image_column="file_name",
-        caption_column="text",
-        max_target_length=16,
-        per_device_train_batch_size=32,
-        per_device_eval_batch_size=50,
-        learning_rate=2e-3,
-        weight_decay=0.01,
-        warmup_steps=100,
-        max_steps=steps,
-        logging_steps=50,
-        save_steps=400,
-        save_total_limit=2,
-        seed=seed,
-        predict_with_generate=True,
-        num_beams=1,
-    )
+    argv = ["--model_name_or_path", init, "--output_dir", run_dir]
+    for split in ("train", "validation", "test"):
+        argv += [f"--{split}_file", splits[split]]
+    argv += ["--max_steps", str(steps), "--seed", str(seed), *TRAIN_FLAGS.split()]
+    print(f"training: {shlex.join(['nnx-caption', 'train', *argv])}")
+    from nnx_caption.cli import build_parser
+
+    args = args_from_namespace(build_parser().parse_args(["train", *argv]), argv)
     results = run(args)
 
     from nnx_caption.predict import predict

@@ -1,13 +1,32 @@
-"""Files that appear whole or not at all: each is written to a temporary name beside it and
-renamed over the old one when complete, so a crash mid-save leaves the previous file intact."""
+"""The small files around a checkpoint and a run: JSON objects read with errors that name
+the file, and files that appear whole or not at all (each is written to a temporary name
+beside it and renamed over the old one when complete, so a crash mid-save leaves the previous
+file intact)."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 from collections.abc import Iterator
 from typing import IO
+
+
+def read_json(path: str | os.PathLike, error: type[Exception] = ValueError) -> dict | None:
+    """The JSON object in the file at `path`, None when there is no such file. A file that is
+    not UTF-8 JSON holding an object raises `error`, naming it."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError) as err:  # JSONDecodeError, UnicodeDecodeError: ValueErrors
+        raise error(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise error(f"{path} must hold a JSON object")
+    return data
 
 
 @contextlib.contextmanager

@@ -4,70 +4,61 @@ Semantics are those of transformers 5.x PyTorch `generate()` for encoder-decoder
 tokens, the same beam scores. The encoder runs once per image; each layer's cross-attention
 K/V are projected once per image and shared by all rows (beams, returned sequences) of that
 image; the self-attention cache is preallocated to max_length; nothing returns to the host
-until the search is done.
+until the search is done. Shapes use the legend in layers.py, with T = max_length.
 """
 
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from flax import nnx, struct
 
+from nnx_caption.config import CaptionConfig
 from nnx_caption.model import VisionEncoderDecoder
-from nnx_caption.sharding import place, scalar, to_host
+from nnx_caption.sharding import batch_sharding, place, scalar, to_host
 
 NEG = -1.0e9  # transformers' "never pick this" score offset in beam search
+EARLY_STOPPING = {False: 0, True: 1, "never": 2}
 
 
 @dataclass(frozen=True)
 class Search:
     """What shapes the compiled search: one compile per distinct value (and batch size)."""
 
-    max_length: int
-    num_beams: int
+    max_length: int  # T: counts the start token
+    num_beams: int  # K
     no_repeat_ngram_size: int
     num_return_sequences: int
     do_sample: bool
-    start: int
+    start: int  # decoder_start_token_id
     eos: int
     pad: int
 
 
-EARLY_STOPPING = {False: 0, True: 1, "never": 2}
-
-
-def _knobs(
-    min_length: int,
-    length_penalty: float,
-    early_stopping: bool | str,
-    temperature: float,
-    top_k: int,
-    top_p: float,
-) -> dict[str, jax.Array]:
+@struct.dataclass
+class Knobs:
     """Settings passed as traced values, so that changing them does not recompile."""
-    return dict(
-        min_length=jnp.int32(min_length),
-        length_penalty=jnp.float32(length_penalty),
-        early_stopping=jnp.int32(EARLY_STOPPING[early_stopping]),
-        temperature=jnp.float32(temperature),
-        top_k=jnp.int32(top_k),
-        top_p=jnp.float32(top_p),
-    )
+
+    min_length: jax.Array  # () int32: no EOS while the sequence (start token counted) is shorter
+    length_penalty: jax.Array  # () float32: a score is log-probability / length ** it
+    early_stopping: jax.Array  # () int32: EARLY_STOPPING's code of True, False or "never"
+    temperature: jax.Array  # () float32: sampling divides the logits by it
+    top_k: jax.Array  # () int32: sampling keeps the top_k likeliest tokens (0: all)
+    top_p: jax.Array  # () float32: ... and the fewest whose probabilities sum to top_p (1: all)
 
 
-class GenerateOutput(NamedTuple):
-    sequences: np.ndarray  # (B * num_return_sequences, L) int32, start token first
-    scores: np.ndarray  # (B * num_return_sequences,) float32: sequences_scores
+class Settings(NamedTuple):
+    search: Search
+    knobs: Knobs
 
 
-def generate(
-    model: VisionEncoderDecoder,
-    pixel_values: jax.Array,
+def search_settings(
+    config: CaptionConfig,
     max_length: int | None = None,
     max_new_tokens: int | None = None,
     min_length: int | None = None,
@@ -80,19 +71,11 @@ def generate(
     temperature: float | None = None,
     top_k: int | None = None,
     top_p: float | None = None,
-    seed: int = 0,
-    mesh=None,
-) -> GenerateOutput:
-    """Captions a batch of (B, H, W, C) normalised images.
-
-    Arguments left None take the checkpoint's generation config (generation_config.json), as
-    transformers does; `max_length` counts the start token, `max_new_tokens` wins over it.
-    Beam search returns transformers' `sequences_scores`; greedy and sampling return the same
-    quantity for their one hypothesis (summed log-probabilities / length ** length_penalty).
-    With a `mesh`, images are split over its batch axes (data, fsdp).
-    """
-    cfg = model.config
-    gen = cfg.generation
+) -> Settings:
+    """generate()'s arguments, those left None taken from the checkpoint's generation config
+    (generation_config.json) as transformers does, and checked: a ValueError names the bad one.
+    `max_length` counts the start token; `max_new_tokens` wins over it."""
+    gen = config.generation
 
     def pick(value, default):
         return default if value is None else value
@@ -107,36 +90,23 @@ def generate(
         no_repeat_ngram_size=pick(no_repeat_ngram_size, gen.no_repeat_ngram_size),
         num_return_sequences=pick(num_return_sequences, gen.num_return_sequences),
         do_sample=bool(pick(do_sample, gen.do_sample)),
-        start=cfg.decoder_start_token_id,
-        eos=cfg.eos_token_id,
-        pad=cfg.pad_token_id,
+        start=config.decoder_start_token_id,
+        eos=config.eos_token_id,
+        pad=config.pad_token_id,
     )
     early_stopping = pick(early_stopping, gen.early_stopping)
     temperature = float(pick(temperature, gen.temperature))
     top_p = float(pick(top_p, gen.top_p))
-    _validate(search, cfg.decoder.n_positions, early_stopping, temperature, top_p)
-    knobs = _knobs(
-        pick(min_length, gen.min_length),
-        float(pick(length_penalty, gen.length_penalty)),
-        early_stopping,
-        temperature,
-        int(pick(top_k, gen.top_k) or 0),
-        top_p,
+    _validate(search, config.decoder.n_positions, early_stopping, temperature, top_p)
+    knobs = Knobs(
+        min_length=jnp.int32(pick(min_length, gen.min_length)),
+        length_penalty=jnp.float32(pick(length_penalty, gen.length_penalty)),
+        early_stopping=jnp.int32(EARLY_STOPPING[early_stopping]),
+        temperature=jnp.float32(temperature),
+        top_k=jnp.int32(pick(top_k, gen.top_k) or 0),
+        top_p=jnp.float32(top_p),
     )
-    graphdef, state = nnx.split(model)
-    pixels = jnp.asarray(pixel_values)
-    key = jax.random.key(seed)
-    if mesh is None:
-        tokens, scores, length = _search(graphdef, state, pixels, key, knobs, search)
-    else:
-        from jax.sharding import NamedSharding, PartitionSpec
-
-        with jax.set_mesh(mesh):
-            batch = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
-            pixels = place(np.asarray(pixels), batch)  # also across hosts
-            tokens, scores, length = _search(graphdef, state, pixels, key, knobs, search)
-    tokens, scores = to_host(tokens), to_host(scores)  # gathered from every process
-    return GenerateOutput(tokens[:, : int(scalar(length))], scores)
+    return Settings(search, knobs)
 
 
 def _validate(
@@ -163,10 +133,47 @@ def _validate(
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
 
 
+class GenerateOutput(NamedTuple):
+    sequences: np.ndarray  # (B * num_return_sequences, T) int32, start token first
+    scores: np.ndarray  # (B * num_return_sequences,) float32: sequences_scores
+
+
+def generate(
+    model: VisionEncoderDecoder,
+    pixel_values: jax.Array,
+    *,
+    seed: int = 0,
+    mesh=None,
+    **arguments: Any,
+) -> GenerateOutput:
+    """Captions a batch of (B, height, width, C) normalised images.
+
+    `arguments` are search_settings' (max_length, max_new_tokens, min_length, num_beams,
+    length_penalty, early_stopping, no_repeat_ngram_size, num_return_sequences, do_sample,
+    temperature, top_k, top_p): those not given take the checkpoint's generation config.
+    Beam search returns transformers' `sequences_scores`; greedy and sampling return the same
+    quantity for their one hypothesis (summed log-probabilities / length ** length_penalty).
+    `seed` seeds sampling. With a `mesh`, images are split over its batch axes
+    (sharding.batch_sharding).
+    """
+    search, knobs = search_settings(model.config, **arguments)
+    graphdef, state = nnx.split(model)
+    pixels = jnp.asarray(pixel_values)
+    key = jax.random.key(seed)
+    if mesh is None:
+        tokens, scores, length = _search(graphdef, state, pixels, key, knobs, search)
+    else:
+        with jax.set_mesh(mesh):
+            pixels = place(np.asarray(pixels), batch_sharding(mesh))  # also across hosts
+            tokens, scores, length = _search(graphdef, state, pixels, key, knobs, search)
+    tokens, scores = to_host(tokens), to_host(scores)  # gathered from every process
+    return GenerateOutput(tokens[:, : int(scalar(length))], scores)
+
+
 @functools.partial(jax.jit, static_argnums=(0, 5))
-def _search(graphdef, state, pixels, key, knobs, s: Search):
+def _search(graphdef, state, pixels, key, knobs: Knobs, s: Search):
     model = nnx.merge(graphdef, state)
-    image = model.encode(pixels)
+    image = model.encode(pixels)  # (B, S, E)
     cross_kv = model.decoder.cross_kv(image)  # one per image, shared by that image's rows
     search = _sample if s.num_beams == 1 else _beam
     return search(model, cross_kv, image.shape[0], key, knobs, s)
@@ -176,11 +183,11 @@ def _search(graphdef, state, pixels, key, knobs, s: Search):
 
 
 def _process(
-    scores: jax.Array, tokens: jax.Array, cur_len: jax.Array, knobs: dict, s: Search
+    scores: jax.Array, tokens: jax.Array, cur_len: jax.Array, knobs: Knobs, s: Search
 ) -> jax.Array:
-    """scores (N, V) for the token at position cur_len; tokens (N, L) hold positions < cur_len."""
+    """scores (N, V) for the token at position cur_len; tokens (N, T) hold positions < cur_len."""
     # MinLengthLogitsProcessor: no EOS while the sequence (start token counted) is too short.
-    early = cur_len < knobs["min_length"]
+    early = cur_len < knobs.min_length
     scores = scores.at[:, s.eos].set(jnp.where(early, -jnp.inf, scores[:, s.eos]))
     if s.no_repeat_ngram_size > 0:
         banned = _banned_ngrams(tokens, cur_len, s.no_repeat_ngram_size, scores.shape[1])
@@ -197,23 +204,23 @@ def _banned_ngrams(tokens: jax.Array, cur_len: jax.Array, n: int, vocab: int) ->
         jax.lax.dynamic_slice_in_dim(tokens, cur_len - (n - 1), n - 1, axis=1)
         if n > 1
         else tokens[:, :0]
-    )
-    windows = tokens[:, starts[:, None] + jnp.arange(n)]  # (N, W, n)
+    )  # (N, n - 1)
+    windows = tokens[:, starts[:, None] + jnp.arange(n)]  # (N, windows, n)
     match = jnp.all(windows[:, :, : n - 1] == prefix[:, None, :], axis=-1)
     match &= (starts + n <= cur_len)[None, :]  # the whole window lies in the generated prefix
     banned = jnp.zeros((rows, vocab), bool)
     return banned.at[jnp.arange(rows)[:, None], windows[:, :, n - 1]].max(match)
 
 
-def _warp(scores: jax.Array, knobs: dict) -> jax.Array:
-    """Temperature, top-k and top-p warpers, as transformers applies them when sampling
-    (top_k 0 and top_p 1 switch theirs off)."""
-    scores = scores / knobs["temperature"]
+def _warp(scores: jax.Array, knobs: Knobs) -> jax.Array:
+    """Temperature, top-k and top-p warpers on scores (N, V), as transformers applies them
+    when sampling (top_k 0 and top_p 1 switch theirs off)."""
+    scores = scores / knobs.temperature
     rows, vocab = scores.shape
-    top_k, top_p = knobs["top_k"], knobs["top_p"]
+    top_k, top_p = knobs.top_k, knobs.top_p
     order = jnp.argsort(scores, axis=-1)  # ascending, as TopPLogitsWarper sorts
     ascending = jnp.take_along_axis(scores, order, axis=-1)
-    kth = ascending[:, jnp.clip(vocab - top_k, 0, vocab - 1)][:, None]
+    kth = ascending[:, jnp.clip(vocab - top_k, 0, vocab - 1)][:, None]  # (N, 1)
     scores = jnp.where((top_k > 0) & (scores < kth), -jnp.inf, scores)
     ascending = jnp.where((top_k > 0) & (ascending < kth), -jnp.inf, ascending)
     cumulative = jnp.cumsum(jax.nn.softmax(ascending, axis=-1), axis=-1)
@@ -223,8 +230,9 @@ def _warp(scores: jax.Array, knobs: dict) -> jax.Array:
 
 
 def _step(model, tokens, cur_len, cache, cross_kv):
-    """Logits (N, V) float32 for position cur_len, feeding the token at cur_len - 1."""
-    last = jax.lax.dynamic_slice_in_dim(tokens, cur_len - 1, 1, axis=1)
+    """Logits (N, V) float32 for position cur_len, feeding the token at cur_len - 1 of
+    tokens (N, T); returns them with the updated cache."""
+    last = jax.lax.dynamic_slice_in_dim(tokens, cur_len - 1, 1, axis=1)  # (N, 1)
     logits, cache = model.decoder(last, cross_kv=cross_kv, cache=cache, start=cur_len - 1)
     return logits[:, 0].astype(jnp.float32), cache
 
@@ -232,10 +240,23 @@ def _step(model, tokens, cur_len, cache, cross_kv):
 # Greedy and sampling ------------------------------------------------------------------------
 
 
-def _sample(model, cross_kv, images: int, key, knobs: dict, s: Search):
-    rows = images * s.num_return_sequences  # image-major: row = image * n + k
+@struct.dataclass
+class SampleState:
+    """The greedy / sampling loop's carry; rows are image-major (row = image * n + k)."""
+
+    tokens: jax.Array  # (N, T) int32: the start token, the tokens so far, pad after
+    cur_len: jax.Array  # () int32: the position generated next
+    unfinished: jax.Array  # (N,) bool: the row has not produced EOS yet
+    logprob: jax.Array  # (N,) float32: summed log-probabilities of its generated tokens
+    length: jax.Array  # (N,) int32: its generated tokens, EOS included
+    cache: Any  # per layer, self-attention keys and values, each (N, H, T, D)
+    key: jax.Array  # PRNG key of the sampling, split once per step
+
+
+def _sample(model, cross_kv, images: int, key, knobs: Knobs, s: Search):
+    rows = images * s.num_return_sequences
     tokens = jnp.full((rows, s.max_length), s.pad, jnp.int32).at[:, 0].set(s.start)
-    carry = dict(
+    state = SampleState(
         tokens=tokens,
         cur_len=jnp.int32(1),
         unfinished=jnp.ones(rows, bool),
@@ -245,125 +266,95 @@ def _sample(model, cross_kv, images: int, key, knobs: dict, s: Search):
         key=key,
     )
 
-    def cond(c):
-        return (c["cur_len"] < s.max_length) & jnp.any(c["unfinished"])
-
-    def body(c):
-        logits, cache = _step(model, c["tokens"], c["cur_len"], c["cache"], cross_kv)
-        scores = _process(logits, c["tokens"], c["cur_len"], knobs, s)
-        key, sub = jax.random.split(c["key"])
+    def step(st: SampleState) -> SampleState:
+        logits, cache = _step(model, st.tokens, st.cur_len, st.cache, cross_kv)  # (N, V)
+        scores = _process(logits, st.tokens, st.cur_len, knobs, s)
+        key, sub = jax.random.split(st.key)
         if s.do_sample:
             next_token = jax.random.categorical(sub, _warp(scores, knobs), axis=-1)
         else:
             next_token = jnp.argmax(scores, axis=-1)
-        next_token = jnp.where(c["unfinished"], next_token, s.pad).astype(jnp.int32)
+        live = st.unfinished
+        next_token = jnp.where(live, next_token, s.pad).astype(jnp.int32)  # (N,)
         token_logprob = jnp.take_along_axis(jax.nn.log_softmax(logits), next_token[:, None], 1)
-        live = c["unfinished"]
-        return dict(
-            tokens=c["tokens"].at[:, c["cur_len"]].set(next_token),
-            cur_len=c["cur_len"] + 1,
+        return SampleState(
+            tokens=st.tokens.at[:, st.cur_len].set(next_token),
+            cur_len=st.cur_len + 1,
             unfinished=live & (next_token != s.eos),
-            logprob=c["logprob"] + jnp.where(live, token_logprob[:, 0], 0.0),
-            length=c["length"] + live,
+            logprob=st.logprob + jnp.where(live, token_logprob[:, 0], 0.0),
+            length=st.length + live,
             cache=cache,
             key=key,
         )
 
-    c = jax.lax.while_loop(cond, body, carry)
-    scores = c["logprob"] / c["length"].astype(jnp.float32) ** knobs["length_penalty"]
-    return c["tokens"], scores, c["cur_len"]
+    def going(st: SampleState) -> jax.Array:
+        return (st.cur_len < s.max_length) & jnp.any(st.unfinished)
+
+    st = jax.lax.while_loop(going, step, state)
+    scores = st.logprob / st.length.astype(jnp.float32) ** knobs.length_penalty
+    return st.tokens, scores, st.cur_len
 
 
 # Beam search (transformers' vectorised _beam_search) ---------------------------------------
 
 
-def _beam(model, cross_kv, batch: int, key, knobs: dict, s: Search):
+@struct.dataclass
+class BeamState:
+    """The beam search loop's carry: per image, K running beams and the K best finished."""
+
+    running: jax.Array  # (B, K, T) int32: the running beams, best first
+    running_scores: jax.Array  # (B, K) float32: their summed log-probabilities
+    sequences: jax.Array  # (B, K, T) int32: the best finished beams, best first
+    scores: jax.Array  # (B, K) float32: their length-penalised scores (NEG: an empty slot)
+    lengths: jax.Array  # (B, K) int32: their generated tokens, EOS included
+    finished: jax.Array  # (B, K) bool: the slot holds a finished beam
+    improvable: jax.Array  # (B, 1) bool: a running beam may still beat the worst finished one
+    go_on: jax.Array  # () bool: some image's search is not done
+    cur_len: jax.Array  # () int32: the position generated next
+    cache: Any  # per layer, self-attention keys and values, each (B * K, H, T, D); None at first
+    key: jax.Array  # PRNG key of beam sampling, split once per step
+
+
+def _gather(x: jax.Array, idx: jax.Array) -> jax.Array:
+    """x (B, beams, ...) at idx (B, n) along the beams -> (B, n, ...)."""
+    return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
+
+
+def _beam(model, cross_kv, images: int, key, knobs: Knobs, s: Search):
     k, length = s.num_beams, s.max_length
-    penalty, stop_early = knobs["length_penalty"], knobs["early_stopping"] == 1
-    never = knobs["early_stopping"] == 2
-    keep = 2 * k  # candidates kept per step: max(2, 1 + n_eos) * num_beams with one EOS id
+    stop_early = knobs.early_stopping == 1
     # transformers fills unused positions with `pad or eos`: a pad id of 0 gives EOS.
     fill = s.pad if s.pad != 0 else s.eos
-    running = jnp.full((batch, k, length), fill, jnp.int32).at[:, :, 0].set(s.start)
-    carry = dict(
+    running = jnp.full((images, k, length), fill, jnp.int32).at[:, :, 0].set(s.start)
+    state = BeamState(
         running=running,
-        running_scores=jnp.zeros((batch, k), jnp.float32).at[:, 1:].set(NEG),
+        running_scores=jnp.zeros((images, k), jnp.float32).at[:, 1:].set(NEG),
         sequences=running,
-        scores=jnp.full((batch, k), NEG, jnp.float32),
-        lengths=jnp.zeros((batch, k), jnp.int32),  # generated tokens of each finished beam
-        finished=jnp.zeros((batch, k), bool),
-        improvable=jnp.ones((batch, 1), bool),
+        scores=jnp.full((images, k), NEG, jnp.float32),
+        lengths=jnp.zeros((images, k), jnp.int32),
+        finished=jnp.zeros((images, k), bool),
+        improvable=jnp.ones((images, 1), bool),
         go_on=jnp.bool_(True),
         cur_len=jnp.int32(1),
         cache=None,  # made by the first step
         key=key,
     )
-    top_k_mask = jnp.arange(keep) < k
 
-    def gather(x, idx):  # x (B, beams, ...), idx (B, n) -> (B, n, ...)
-        return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
-
-    def body(c, first=False):
-        cur_len = c["cur_len"]
-        flat = c["running"].reshape(batch * k, length)
-        if first:
-            # Every beam of an image still holds only the start token: run one row per image
-            # and give its logits and cache to the image's beams (a quarter of the step at k=4).
-            cache = model.decoder.init_cache(batch, length)
-            logits, cache = _step(model, flat[::k], cur_len, cache, cross_kv)
-            logits = jnp.repeat(logits, k, axis=0)
-            cache = jax.tree.map(lambda x: jnp.repeat(x, k, axis=0), cache)
-        else:
-            logits, cache = _step(model, flat, cur_len, c["cache"], cross_kv)
-        log_probs = _process(jax.nn.log_softmax(logits, axis=-1), flat, cur_len, knobs, s)
-        key, sub = jax.random.split(c["key"])
-        if s.do_sample:
-            log_probs = _warp(log_probs, knobs)
-        vocab = log_probs.shape[-1]
-        acc = (log_probs.reshape(batch, k, vocab) + c["running_scores"][:, :, None]).reshape(
-            batch, k * vocab
-        )
-        if s.do_sample:  # sampling without replacement: Gumbel top-k, then by score
-            noisy = acc + jax.random.gumbel(sub, acc.shape)
-            idx = jax.lax.top_k(noisy, keep)[1]
-            cand = jnp.take_along_axis(acc, idx, axis=1)
-            order = jnp.argsort(-cand, axis=1, stable=True)
-            cand, idx = jnp.take_along_axis(cand, order, 1), jnp.take_along_axis(idx, order, 1)
-        else:
-            cand, idx = jax.lax.top_k(acc, keep)
-        source, token = idx // vocab, (idx % vocab).astype(jnp.int32)
-        cand_seqs = gather(c["running"], source).at[:, :, cur_len].set(token)
-        hits = (token == s.eos) | (cur_len + 1 >= length)
-
-        # The best num_beams candidates that did not just finish keep running.
-        run_scores = cand + hits.astype(jnp.float32) * NEG
-        chosen = jax.lax.top_k(run_scores, k)[1]
-        running, running_scores = gather(cand_seqs, chosen), gather(run_scores, chosen)
-        parent = (gather(source, chosen) + jnp.arange(batch)[:, None] * k).reshape(-1)
+    def step(st: BeamState, first: bool = False) -> BeamState:
+        log_probs, cache = _beam_log_probs(model, st, cross_kv, knobs, s, first)  # (B * K, V)
+        key, sub = jax.random.split(st.key)
+        cand, source, token = _candidates(log_probs, st.running_scores, sub, s)  # each (B, 2K)
+        cand_seqs = _gather(st.running, source).at[:, :, st.cur_len].set(token)  # (B, 2K, T)
+        hits = (token == s.eos) | (st.cur_len + 1 >= length)  # candidates that finish now
+        running, running_scores, parent = _keep_running(cand_seqs, cand, hits, source, k)
         cache = jax.tree.map(lambda x: x[parent], cache)  # reorder the self-attention cache
-
-        # Candidates among the top num_beams that finished join the finished beams if better.
-        done = hits & top_k_mask[None, :]
-        final = cand / (cur_len.astype(jnp.float32) ** penalty)
-        full = jnp.all(c["finished"], axis=-1, keepdims=True) & stop_early
-        final = final + full.astype(jnp.float32) * NEG
-        final = final + (~c["improvable"]).astype(jnp.float32) * NEG
-        final = final + (~done).astype(jnp.float32) * NEG
-        merged_scores = jnp.concatenate([c["scores"], final], axis=1)
-        best = jax.lax.top_k(merged_scores, k)[1]
-        sequences = gather(jnp.concatenate([c["sequences"], cand_seqs], axis=1), best)
-        scores = gather(merged_scores, best)
-        lengths = gather(jnp.concatenate([c["lengths"], jnp.where(done, cur_len, 0)], axis=1), best)
-        finished = gather(jnp.concatenate([c["finished"], done], axis=1), best)
-
-        # Can a running beam still beat the worst finished one? (_check_early_stop_heuristic)
-        cur_len = cur_len + 1
-        best_len = jnp.where(never & (penalty > 0), length - 1, cur_len - 1)
-        best_running = running_scores[:, :1] / best_len.astype(jnp.float32) ** penalty
-        worst = jnp.where(finished, jnp.min(scores, axis=1, keepdims=True), NEG)
-        improvable = c["improvable"] & jnp.any(best_running > worst, axis=-1, keepdims=True)
+        sequences, scores, lengths, finished = _add_finished(st, cand_seqs, cand, hits, knobs, k)
+        cur_len = st.cur_len + 1
+        improvable = st.improvable & _can_improve(
+            running_scores, scores, finished, cur_len, knobs, length
+        )
         go_on = jnp.any(improvable) & ~(jnp.all(finished) & stop_early) & ~jnp.all(hits)
-        return dict(
+        return BeamState(
             running=running,
             running_scores=running_scores,
             sequences=sequences,
@@ -377,12 +368,103 @@ def _beam(model, cross_kv, batch: int, key, knobs: dict, s: Search):
             key=key,
         )
 
-    carry = body(carry, first=True)  # the loop's first step (max_length >= 2), on fewer rows
-    c = jax.lax.while_loop(lambda c: c["go_on"] & (c["cur_len"] < length), body, carry)
+    st = step(state, first=True)  # the loop's first step (max_length >= 2), on fewer rows
+    st = jax.lax.while_loop(lambda st: st.go_on & (st.cur_len < length), step, st)
     n = s.num_return_sequences
-    sequences = c["sequences"][:, :n].reshape(batch * n, length)
-    out_len = 1 + jnp.max(c["lengths"][:, :n])
-    return sequences, c["scores"][:, :n].reshape(-1), out_len
+    sequences = st.sequences[:, :n].reshape(images * n, length)
+    return sequences, st.scores[:, :n].reshape(-1), 1 + jnp.max(st.lengths[:, :n])
 
 
-__all__ = ["GenerateOutput", "generate"]
+def _beam_log_probs(model, st: BeamState, cross_kv, knobs: Knobs, s: Search, first: bool):
+    """Processed (and, sampling, warped) log-probabilities (B * K, V) of every running beam's
+    next token, with the updated cache."""
+    images, k, length = st.running.shape
+    flat = st.running.reshape(images * k, length)  # (B * K, T)
+    if first:
+        # Every beam of an image still holds only the start token: run one row per image
+        # and give its logits and cache to the image's beams (a quarter of the step at K=4).
+        cache = model.decoder.init_cache(images, length)
+        logits, cache = _step(model, flat[::k], st.cur_len, cache, cross_kv)  # (B, V)
+        logits = jnp.repeat(logits, k, axis=0)
+        cache = jax.tree.map(lambda x: jnp.repeat(x, k, axis=0), cache)
+    else:
+        logits, cache = _step(model, flat, st.cur_len, st.cache, cross_kv)
+    log_probs = _process(jax.nn.log_softmax(logits, axis=-1), flat, st.cur_len, knobs, s)
+    return (_warp(log_probs, knobs) if s.do_sample else log_probs), cache
+
+
+def _candidates(
+    log_probs: jax.Array, running_scores: jax.Array, key: jax.Array, s: Search
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The 2K best continuations of each image's beams (max(2, 1 + EOS ids) * K, with one EOS
+    id): (summed scores, source beam, token), each (B, 2K), best first."""
+    images, k = running_scores.shape
+    vocab = log_probs.shape[-1]
+    scores = log_probs.reshape(images, k, vocab) + running_scores[:, :, None]
+    scores = scores.reshape(images, k * vocab)
+    if s.do_sample:  # sampling without replacement: Gumbel top-k, then by score
+        noisy = scores + jax.random.gumbel(key, scores.shape)
+        idx = jax.lax.top_k(noisy, 2 * k)[1]
+        cand = jnp.take_along_axis(scores, idx, axis=1)
+        order = jnp.argsort(-cand, axis=1, stable=True)
+        cand, idx = jnp.take_along_axis(cand, order, 1), jnp.take_along_axis(idx, order, 1)
+    else:
+        cand, idx = jax.lax.top_k(scores, 2 * k)
+    return cand, idx // vocab, (idx % vocab).astype(jnp.int32)
+
+
+def _keep_running(
+    cand_seqs: jax.Array, cand: jax.Array, hits: jax.Array, source: jax.Array, k: int
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The best K candidates that did not just finish keep running: (beams (B, K, T), their
+    scores (B, K), each one's parent row in the flat (B * K) cache)."""
+    images = cand.shape[0]
+    run_scores = cand + hits.astype(jnp.float32) * NEG
+    chosen = jax.lax.top_k(run_scores, k)[1]  # (B, K)
+    parent = (_gather(source, chosen) + jnp.arange(images)[:, None] * k).reshape(-1)
+    return _gather(cand_seqs, chosen), _gather(run_scores, chosen), parent
+
+
+def _add_finished(
+    st: BeamState, cand_seqs: jax.Array, cand: jax.Array, hits: jax.Array, knobs: Knobs, k: int
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Candidates among the top K that just finished join the finished beams when they rank
+    among the K best (BeamHypotheses.add): (sequences, scores, lengths, finished)."""
+    done = hits & (jnp.arange(cand.shape[1]) < k)[None, :]  # (B, 2K)
+    final = cand / (st.cur_len.astype(jnp.float32) ** knobs.length_penalty)
+    full = jnp.all(st.finished, axis=-1, keepdims=True) & (knobs.early_stopping == 1)
+    final = final + full.astype(jnp.float32) * NEG
+    final = final + (~st.improvable).astype(jnp.float32) * NEG
+    final = final + (~done).astype(jnp.float32) * NEG
+    best = jax.lax.top_k(jnp.concatenate([st.scores, final], axis=1), k)[1]  # (B, K)
+
+    def merge(old: jax.Array, new: jax.Array) -> jax.Array:
+        return _gather(jnp.concatenate([old, new], axis=1), best)
+
+    return (
+        merge(st.sequences, cand_seqs),
+        merge(st.scores, final),
+        merge(st.lengths, jnp.where(done, st.cur_len, 0)),
+        merge(st.finished, done),
+    )
+
+
+def _can_improve(
+    running_scores: jax.Array,
+    scores: jax.Array,
+    finished: jax.Array,
+    cur_len: jax.Array,
+    knobs: Knobs,
+    length: int,
+) -> jax.Array:
+    """(B, 1): can the best running beam still beat the worst finished one?
+    (transformers' _check_early_stop_heuristic)"""
+    penalty = knobs.length_penalty
+    never = knobs.early_stopping == 2
+    best_len = jnp.where(never & (penalty > 0), length - 1, cur_len - 1)
+    best_running = running_scores[:, :1] / best_len.astype(jnp.float32) ** penalty
+    worst = jnp.where(finished, jnp.min(scores, axis=1, keepdims=True), NEG)
+    return jnp.any(best_running > worst, axis=-1, keepdims=True)
+
+
+__all__ = ["GenerateOutput", "Settings", "generate", "search_settings"]

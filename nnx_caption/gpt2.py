@@ -223,7 +223,8 @@ class GPT2(nnx.Module):
         return [block.image_kv(image) for block in self.blocks]
 
     def init_cache(self, rows: int, max_len: int) -> list[KV]:
-        """An empty self-attention cache: per layer, K and V of shape (N, H, max_len, D)."""
+        """An empty self-attention cache: per layer, keys and values of shape (N, H, S, D) with
+        S = max_len."""
         shape = (rows, self.cfg.n_head, max_len, self.cfg.head_dim)
         zeros = jnp.zeros(shape, self.compute_dtype)
         return [(zeros, zeros) for _ in self.blocks]

@@ -4,7 +4,9 @@ Dimension legend, used in shape comments, docstrings and einsum strings across t
     B  images in a batch            N  decoder rows (captions, beams): a multiple of B, image-major
     T  decoder tokens (queries)     S  keys: image tokens, or the self-attention cache length
     E  model width                  H  heads            D  head_dim        F  MLP hidden width
-    V  vocabulary                   L  layers
+    V  vocabulary                   L  layers           K  beams per image (N = B * K)
+Images enter as (B, height, width, C) pixels; the ViT makes S = 1 + patches tokens of them.
+(Image code outside the models, processing.py and data/, writes an image as (H, W, 3).)
 
 Every parameter is an `nnx.Param` with metadata saying what it is, set here where it is
 created and read by the rules that depend on it (nothing is decided from a parameter's name):

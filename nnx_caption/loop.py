@@ -7,91 +7,107 @@ output_dir by itself.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
-import re
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from nnx_caption import data as data_lib
-from nnx_caption.edits import model_class
-from nnx_caption.hf import from_pretrained, resolve, save_pretrained
-from nnx_caption.layers import Execution
-from nnx_caption.predict import UsageError
+from nnx_caption.flags import (
+    ModelArgs,
+    UsageError,
+    add_flags,
+    check_patterns,
+    flag,
+    flags,
+    from_values,
+)
+from nnx_caption.hf import resolve, save_pretrained
 from nnx_caption.processing import ImageProcessor, Tokenizer
 from nnx_caption.train import TrainConfig, Trainer, checkpoints, prune_checkpoints
 
 
-@dataclass
-class TrainArgs:
-    """Flags of HF's run_image_captioning_flax.py (same names and meaning), then ours."""
+@dataclass(frozen=True)
+class TrainArgs(ModelArgs, TrainConfig):
+    """Data, evaluation, checkpoints and output. The flags of `train` are these (HF's
+    run_image_captioning_flax.py's, same names and meaning, then ours), ModelArgs' and
+    TrainConfig's; run() sets TrainConfig's other fields (total_steps from --max_steps or
+    --num_train_epochs, lora from --lora_rank)."""
 
-    model_name_or_path: str = ""
-    output_dir: str = ""
-    overwrite_output_dir: bool = False
-    do_train: bool = False
-    do_eval: bool = False
-    do_predict: bool = False
-    train_file: str | None = None
-    validation_file: str | None = None
-    test_file: str | None = None
-    dataset_name: str | None = None
-    dataset_config_name: str | None = None
-    data_dir: str | None = None
-    image_column: str = "image_path"
-    caption_column: str = "caption"
-    max_target_length: int = 128
-    val_max_target_length: int | None = None
-    max_train_samples: int | None = None
-    max_eval_samples: int | None = None
-    max_predict_samples: int | None = None
-    per_device_train_batch_size: int = 8
-    per_device_eval_batch_size: int = 8
-    learning_rate: float = 5e-5
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_epsilon: float = 1e-8
-    label_smoothing_factor: float = 0.0
-    num_train_epochs: float = 3.0
-    warmup_steps: int = 0
-    logging_steps: int = 500
-    eval_steps: int | None = None
-    seed: int = 42
-    dtype: str = "float32"
-    predict_with_generate: bool = False
-    num_beams: int | None = None
-    push_to_hub: bool = False
-    hub_model_id: str | None = None
-    hub_token: str | None = None
+    output_dir: str = flag("", "where checkpoints, metrics, results and the final model go")
+    overwrite_output_dir: bool = flag(
+        False, "delete output_dir first instead of resuming from its checkpoints"
+    )
+    do_train: bool = flag(False, "train on --train_file")
+    do_eval: bool = flag(
+        False,
+        "evaluate on --validation_file (loss; captions and metrics with --predict_with_generate)",
+    )
+    do_predict: bool = flag(False, "evaluate on --test_file")
+    train_file: str | None = flag(
+        None, "csv / json / jsonl with image and caption columns, or an imagefolder"
+    )
+    validation_file: str | None = flag(None, "as --train_file, for evaluation")
+    test_file: str | None = flag(None, "as --train_file, for --do_predict")
+    dataset_name: str | None = flag(
+        None,
+        "HF datasets name or builder, e.g. imagefolder with --data_dir (needs the optional "
+        "`datasets` package)",
+    )
+    dataset_config_name: str | None = flag(None, "HF datasets config name")
+    data_dir: str | None = flag(
+        None, "folder image paths are relative to (default: the data file's folder)"
+    )
+    image_column: str = flag("image_path", "column holding image paths")
+    caption_column: str = flag("caption", "column holding captions")
+    max_target_length: int = flag(
+        128, "caption tokens (incl. EOS) in training; longer ones are truncated"
+    )
+    val_max_target_length: int | None = flag(
+        None, "max_length of generated captions and eval targets"
+    )
+    max_train_samples: int | None = flag(None, "use only the first N training rows")
+    max_eval_samples: int | None = flag(None, "use only the first N validation rows")
+    max_predict_samples: int | None = flag(None, "use only the first N test rows")
+    per_device_train_batch_size: int = flag(8, "examples per device per micro-batch")
+    per_device_eval_batch_size: int = flag(8, "examples per device in evaluation")
+    num_train_epochs: float = flag(3.0, "epochs to train (may be fractional)")
+    logging_steps: int = flag(500, "log metrics every N steps")
+    eval_steps: int | None = flag(None, "evaluate every N steps during training")
+    predict_with_generate: bool = flag(False, "generate captions in evaluation and score them")
+    num_beams: int | None = flag(
+        None, "beams for generation (default: the checkpoint's generation config)"
+    )
+    push_to_hub: bool = flag(False, "upload output_dir to the hub at the end")
+    hub_model_id: str | None = flag(None, "hub repo to push to (default: output_dir's name)")
+    hub_token: str | None = flag(None, "hub token (default: the logged-in one)")
     # Beyond HF's script.
-    gradient_accumulation_steps: int = 1
-    max_grad_norm: float | None = None
-    max_steps: int | None = None
-    save_steps: int | None = None
-    save_total_limit: int | None = None
-    mesh_data: int = -1
-    mesh_fsdp: int = 1
-    mesh_tensor: int = 1
-    model_class: str | None = None
-    new_params: list[str] = field(default_factory=list)
-    trainable: list[str] = field(default_factory=list)
-    freeze: list[str] = field(default_factory=list)
-    lora_rank: int = 0
-    gradient_checkpointing: bool = False
-    remat_policy: str | None = None
-    scan_layers: bool = False
-    captions_per_image: int = 1
-    preprocessing_num_workers: int = 2
-    image_cache_gb: float = 2.0
-    eval_limit_batches: int | None = None
+    max_steps: int | None = flag(None, "stop after N optimizer steps (overrides num_train_epochs)")
+    save_steps: int | None = flag(None, "checkpoint every N steps (always at the end)")
+    save_total_limit: int | None = flag(None, "keep only the newest N checkpoints")
+    lora_rank: int = flag(
+        0,
+        "train only LoRA adapters of this rank on the attention and MLP projections (merged "
+        "into the weights at export)",
+    )
+    captions_per_image: int = flag(
+        1,
+        "k > 1: batches of images with k captions each, each image encoded once per step; an "
+        "epoch covers every image once (default 1: every caption once, as HF)",
+    )
+    preprocessing_num_workers: int = flag(2, "processes decoding images")
+    image_cache_gb: float = flag(
+        2.0,
+        "keep a split's resized images in memory when they fit in this many GiB (decoded "
+        "once); larger splits are decoded batch by batch",
+    )
+    eval_limit_batches: int | None = flag(None, "evaluate only the first N batches")
 
 
 def _log(msg: str) -> None:
@@ -111,33 +127,22 @@ def _check_args(a: TrainArgs) -> None:
                 "--dataset_name needs the optional `datasets` package (pip install datasets); "
                 "or export the splits to csv/jsonl or an imagefolder and pass --train_file etc."
             ) from None
-    for flag, needed in (
+    for todo, needed in (
         ("do_train", "train_file"),
         ("do_eval", "validation_file"),
         ("do_predict", "test_file"),
     ):
-        if getattr(a, flag) and not getattr(a, needed) and not a.dataset_name:
-            raise UsageError(f"--{flag} needs --{needed}")
-    if a.dtype not in ("float32", "bfloat16", "float16"):
-        raise UsageError(f"--dtype must be float32, bfloat16 or float16, not {a.dtype!r}")
+        if getattr(a, todo) and not getattr(a, needed) and not a.dataset_name:
+            raise UsageError(f"--{todo} needs --{needed}")
+    a.check()
     k = a.captions_per_image
     if k < 1 or a.per_device_train_batch_size % k:
         raise UsageError(
             f"--captions_per_image {k} must divide --per_device_train_batch_size "
             f"{a.per_device_train_batch_size}: each device holds whole images with their captions"
         )
-    try:
-        Execution(remat_policy=a.remat_policy)
-    except ValueError as e:
-        raise UsageError(f"--remat_policy: {e}") from None
-    for flag in ("new_params", "trainable", "freeze"):
-        for pattern in getattr(a, flag):
-            try:
-                re.compile(pattern)
-            except re.error as err:
-                raise UsageError(
-                    f"--{flag} {pattern!r} is not a regular expression: {err}"
-                ) from None
+    for name in ("trainable", "freeze"):
+        check_patterns(name, getattr(a, name))
     if a.lora_rank < 0:
         raise UsageError(f"--lora_rank must be >= 0, got {a.lora_rank}")
 
@@ -239,22 +244,9 @@ def run(a: TrainArgs) -> dict:
     _check_args(a)
     ckpt_dir = _prepare_output_dir(a)
     devices = jax.device_count()
-    mesh = None
-    if devices > 1:
-        from nnx_caption.sharding import make_mesh
-
-        mesh = make_mesh(a.mesh_data, a.mesh_fsdp, a.mesh_tensor)
+    mesh = a.mesh()
     source = resolve(a.model_name_or_path)
-    dtype = None if a.dtype == "float32" else jnp.dtype(a.dtype)
-    model = from_pretrained(
-        source,
-        dtype,
-        mesh=mesh,
-        model_cls=model_class(a.model_class),
-        new_params=a.new_params,
-        execution=Execution(a.scan_layers, a.gradient_checkpointing, a.remat_policy),
-        seed=a.seed,
-    )
+    model = a.load(source, mesh, seed=a.seed)
     if a.lora_rank:
         from nnx_caption.lora import add_lora
 
@@ -285,23 +277,8 @@ def run(a: TrainArgs) -> dict:
     k = a.captions_per_image
     steps_per_epoch = train_ds.steps_per_epoch(global_batch, k) if train_ds else 1
     total = a.max_steps or int(steps_per_epoch * a.num_train_epochs)
-    tcfg = TrainConfig(
-        learning_rate=a.learning_rate,
-        weight_decay=a.weight_decay,
-        adam_beta1=a.adam_beta1,
-        adam_beta2=a.adam_beta2,
-        adam_epsilon=a.adam_epsilon,
-        warmup_steps=a.warmup_steps,
-        total_steps=max(total, 1),
-        label_smoothing_factor=a.label_smoothing_factor,
-        max_grad_norm=a.max_grad_norm,
-        gradient_accumulation_steps=a.gradient_accumulation_steps,
-        freeze=tuple(a.freeze),
-        trainable=tuple(a.trainable),
-        new_params=tuple(a.new_params),
-        seed=a.seed,
-        lora=bool(a.lora_rank),
-    )
+    derived = dict(total_steps=max(total, 1), lora=bool(a.lora_rank))
+    tcfg = TrainConfig(**{f.name: getattr(a, f.name) for f in fields(TrainConfig)} | derived)
     trainer = Trainer(model, tcfg, mesh)
     existing = checkpoints(ckpt_dir)
     if existing and a.do_train:
@@ -563,98 +540,10 @@ def push_to_hub(a: TrainArgs, results: dict) -> None:
 
 # Command line -----------------------------------------------------------------------------------
 
-HELP = {
-    "model_name_or_path": "checkpoint folder (HF or converted layout) or hub repo id to start from",
-    "output_dir": "where checkpoints, metrics, results and the final model are written",
-    "overwrite_output_dir": "delete output_dir first instead of resuming from its checkpoints",
-    "do_train": "train on --train_file",
-    "do_eval": "evaluate on --validation_file (loss; captions and metrics with "
-    "--predict_with_generate)",
-    "do_predict": "evaluate on --test_file",
-    "train_file": "csv / json / jsonl with image and caption columns, or an imagefolder",
-    "validation_file": "as --train_file, for evaluation",
-    "test_file": "as --train_file, for --do_predict",
-    "dataset_name": "HF datasets name or builder, e.g. imagefolder with --data_dir (needs the "
-    "optional `datasets` package)",
-    "dataset_config_name": "HF datasets config name",
-    "data_dir": "folder image paths are relative to (default: the data file's folder)",
-    "image_column": "column holding image paths",
-    "caption_column": "column holding captions",
-    "max_target_length": "caption tokens (incl. EOS) in training; longer ones are truncated",
-    "val_max_target_length": "max_length of generated captions and eval targets",
-    "max_train_samples": "use only the first N training rows",
-    "max_eval_samples": "use only the first N validation rows",
-    "max_predict_samples": "use only the first N test rows",
-    "per_device_train_batch_size": "examples per device per micro-batch",
-    "per_device_eval_batch_size": "examples per device in evaluation",
-    "learning_rate": "peak learning rate of AdamW",
-    "weight_decay": "AdamW weight decay (not on biases and LayerNorm)",
-    "adam_beta1": "AdamW beta1",
-    "adam_beta2": "AdamW beta2",
-    "adam_epsilon": "AdamW epsilon",
-    "label_smoothing_factor": "label smoothing of the cross-entropy",
-    "num_train_epochs": "epochs to train (may be fractional)",
-    "warmup_steps": "linear warmup steps, then linear decay to 0",
-    "logging_steps": "log metrics every N steps",
-    "eval_steps": "evaluate every N steps during training",
-    "seed": "seed of data order, dropout and init",
-    "dtype": "compute dtype: float32, bfloat16 or float16 (weights stay float32)",
-    "predict_with_generate": "generate captions in evaluation and score them",
-    "num_beams": "beams for generation (default: the checkpoint's generation config)",
-    "push_to_hub": "upload output_dir to the hub at the end",
-    "hub_model_id": "hub repo to push to (default: output_dir's name)",
-    "hub_token": "hub token (default: the logged-in one)",
-    "gradient_accumulation_steps": "micro-batches summed per optimizer step",
-    "max_grad_norm": "clip gradients to this global norm",
-    "max_steps": "stop after N optimizer steps (overrides num_train_epochs)",
-    "save_steps": "checkpoint every N steps (always at the end)",
-    "save_total_limit": "keep only the newest N checkpoints",
-    "mesh_data": "data-parallel mesh axis size (-1: what the other axes leave)",
-    "mesh_fsdp": "FSDP mesh axis size",
-    "mesh_tensor": "tensor-parallel mesh axis size",
-    "model_class": "the model to build, FILE.py:Class or module:Class: an edited architecture "
-    "with VisionEncoderDecoder's constructor (default: VisionEncoderDecoder)",
-    "new_params": "regexes matching whole NNX paths of parameters the checkpoint lacks (an "
-    r"edit's new modules, e.g. 'decoder\.blocks\.\d+\.gate'): they keep --model_class's "
-    "initial values; with --lora_rank they train with the adapters",
-    "trainable": "only the parameters these NNX path prefixes or regexes match train; the rest "
-    "is frozen (default: all)",
-    "freeze": "NNX path prefixes or regexes not to train, e.g. encoder",
-    "lora_rank": "train only LoRA adapters of this rank on the attention and MLP projections "
-    "(merged into the weights at export)",
-    "gradient_checkpointing": "remat: recompute each block's activations in the backward "
-    "pass instead of storing them (less memory, more compute)",
-    "remat_policy": "with --gradient_checkpointing, what is kept anyway: a jax.checkpoint_policies "
-    "name, e.g. dots_with_no_batch_dims_saveable (default: nothing)",
-    "scan_layers": "run each stack of blocks as one lax.scan: compile time stays flat in depth",
-    "captions_per_image": "k > 1: batches of images with k captions each, each image encoded "
-    "once per step; an epoch covers every image once (default 1: every caption once, as HF)",
-    "image_cache_gb": "keep a split's resized images in memory when they fit in this many GiB "
-    "(decoded once); larger splits are decoded batch by batch",
-    "preprocessing_num_workers": "processes decoding images",
-    "eval_limit_batches": "evaluate only the first N batches",
-}
-
-
-def add_flags(parser, fields_of: type, helps: dict[str, str]) -> None:
-    """Adds every field of the dataclass `fields_of` as --name (and --name-with-dashes), typed
-    from its annotation, with its help and default."""
-    for f in dataclasses.fields(fields_of):
-        names = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help_ = f"{helps[f.name]} (default: {default})"
-        if f.type == "bool":
-            parser.add_argument(*names, dest=f.name, action="store_true", help=help_)
-        elif f.type == "list[str]":
-            parser.add_argument(*names, dest=f.name, nargs="*", default=[], help=help_)
-        else:
-            kind = {"int": int, "float": float}.get(f.type.split(" ")[0], str)
-            parser.add_argument(*names, dest=f.name, type=kind, default=default, help=help_)
-
 
 def build_parser(parser) -> None:
-    """Adds every TrainArgs field as a flag, and the optional JSON config of them."""
-    add_flags(parser, TrainArgs, HELP)
+    """Adds every TrainArgs flag, and the optional JSON config of them."""
+    add_flags(parser, TrainArgs)
     parser.add_argument(
         "config",
         nargs="?",
@@ -664,7 +553,7 @@ def build_parser(parser) -> None:
 
 
 def args_from_namespace(ns, argv: list[str]) -> TrainArgs:
-    values = {f.name: getattr(ns, f.name) for f in dataclasses.fields(TrainArgs)}
+    values = {f.name: getattr(ns, f.name) for f in flags(TrainArgs)}
     if ns.config:
         try:
             with open(ns.config, encoding="utf-8") as f:
@@ -676,4 +565,4 @@ def args_from_namespace(ns, argv: list[str]) -> TrainArgs:
             raise UsageError(f"{ns.config}: unknown keys {sorted(unknown)}")
         given = {a.split("=")[0].lstrip("-").replace("-", "_") for a in argv if a.startswith("--")}
         values.update({k: v for k, v in from_file.items() if k not in given})
-    return TrainArgs(**values)
+    return from_values(TrainArgs, values)

@@ -43,7 +43,7 @@ class VisionEncoderDecoder(nnx.Module):
         self.decoder = self.decoder_cls(config.decoder, execution=config.execution, **kw)
 
     def encode(self, pixel_values: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
-        """(B, H, W, C) normalised images -> (B, S, n_embd) states the decoder attends to."""
+        """(B, height, width, C) normalised images -> (B, S, E) states the decoder attends to."""
         states = self.encoder(pixel_values, rngs)
         if self.enc_to_dec_proj is not None:
             states = self.enc_to_dec_proj(states)
@@ -66,11 +66,12 @@ class VisionEncoderDecoder(nnx.Module):
         decoder_attention_mask: jax.Array | None = None,
         rngs: nnx.Rngs | None = None,
     ) -> jax.Array:
-        """Logits (B, T, vocab). Dropout is active only when `rngs` (with a 'dropout' stream)
+        """Logits (N, T, V). Dropout is active only when `rngs` (with a 'dropout' stream)
         is given, i.e. in training.
 
-        pixel_values may hold fewer images than there are captions: B / images captions per
-        image, image-major (rows 0..k-1 describe image 0). Each image is then encoded once and
+        pixel_values (B, height, width, C) may hold fewer images than there are captions
+        (decoder_input_ids (N, T)): N / B captions per image, image-major (rows 0..k-1
+        describe image 0). Each image is then encoded once and
         its captions share its cross-attention keys and values, as beams do in generate()."""
         images, rows = pixel_values.shape[0], decoder_input_ids.shape[0]
         if rows % images:

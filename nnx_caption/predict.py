@@ -28,15 +28,14 @@ from tqdm import tqdm
 
 import nnx_caption as nc
 from nnx_caption.data import TABLE_SUFFIXES, read_table
+from nnx_caption.files import replacing
+from nnx_caption.flags import UsageError
+from nnx_caption.generate import search_settings
 from nnx_caption.hf import resolve
 from nnx_caption.processing import _to_rgb
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 THUMBNAIL_SIZE = 224
-
-
-class UsageError(Exception):
-    """A bad input or option: the CLI prints it and exits with status 2."""
 
 
 # Inputs ---------------------------------------------------------------------------------------
@@ -48,7 +47,7 @@ def _read_table(path: str, column: str) -> list[str]:
     if column not in columns:
         raise UsageError(
             f"{path}: no column {column!r} (columns: {', '.join(columns)}); "
-            "choose one with --image-column"
+            "choose one with --image_column"
         )
     paths = []
     for number, row in rows:
@@ -136,16 +135,9 @@ def _decode(
 
 
 def _write_atomic(path: str, text: str) -> None:
-    """A reader never sees half a file: write a temp file in the same folder, then rename."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """A reader never sees half a file (files.replacing)."""
+    with replacing(path, encoding="utf-8") as f:
+        f.write(text)
 
 
 def _jsonl(records: list[dict]) -> str:
@@ -214,7 +206,7 @@ def predict(
     import jax.numpy as jnp  # deferred, as everywhere in the CLI: argument errors stay fast
 
     if batch_size < 1:
-        raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
+        raise UsageError(f"--batch_size must be >= 1, got {batch_size}")
     if limit is not None and limit < 1:
         raise UsageError(f"--limit must be >= 1, got {limit}")
     dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -240,19 +232,13 @@ def predict(
     except (OSError, ValueError) as err:
         raise nc.CheckpointError(f"{model_dir}: {err}") from None
     gen = dict(num_beams=num_beams, max_length=max_length, max_new_tokens=max_new_tokens)
-    # Checked here, before any image is decoded, rather than by generate() at the first batch.
+    try:  # checked here, before any image is decoded, rather than by generate() at the first batch
+        search, _ = search_settings(model.config, **gen)
+    except ValueError as err:
+        raise UsageError(f"{model_dir}: {err}") from None
     settings = dict(
-        num_beams=model.config.generation.num_beams if num_beams is None else num_beams,
-        max_length=_max_length(model.config.generation, max_length, max_new_tokens),
-        dtype=dtype,
-        batch_size=batch_size,
+        num_beams=search.num_beams, max_length=search.max_length, dtype=dtype, batch_size=batch_size
     )
-    n_positions = model.config.decoder.n_positions
-    if settings["num_beams"] < 1 or not 2 <= settings["max_length"] <= n_positions:
-        raise UsageError(
-            f"need num_beams >= 1 and 2 <= max_length <= {n_positions} (the decoder's "
-            f"n_positions; max_length counts the start token), got {settings}"
-        )
     load_seconds = time.perf_counter() - start
     batch = min(batch_size, len(paths))  # fewer images than a batch: no need to pad them up
     workers = workers or min(8, os.cpu_count() or 1)
@@ -307,12 +293,3 @@ def predict(
         images_per_second=len(paths) / max(seconds - load_seconds, 1e-9),
         **files,
     )
-
-
-def _max_length(
-    gen: nc.GenerationConfig, max_length: int | None, max_new_tokens: int | None
-) -> int:
-    """The max_length generate() will use (it counts the start token), for the gallery header."""
-    if max_new_tokens is None and max_length is None:
-        max_new_tokens, max_length = gen.max_new_tokens, gen.max_length
-    return 1 + max_new_tokens if max_new_tokens is not None else max_length

@@ -18,7 +18,7 @@ from PIL import Image, ImageOps
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as _Backend
 
-from nnx_caption.files import replacing
+from nnx_caption.files import read_json, replacing
 
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
 TOKENIZER_FILE = "tokenizer.json"
@@ -26,17 +26,6 @@ TOKENIZER_CONFIG = "tokenizer_config.json"
 SPECIAL_TOKENS_MAP = "special_tokens_map.json"
 
 ImageInput = Image.Image | np.ndarray | str | os.PathLike | bytes
-
-
-def _read_json(directory: str, name: str) -> dict[str, Any] | None:
-    path = os.path.join(directory, name)
-    if not os.path.isfile(path):
-        return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read {path}: {e}") from e
 
 
 def _write_json(directory: str | os.PathLike, name: str, data: dict[str, Any]) -> None:
@@ -189,7 +178,7 @@ class ImageProcessor:
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> ImageProcessor:
         path = os.fspath(path)
-        config = _read_json(path, PREPROCESSOR_CONFIG)
+        config = read_json(os.path.join(path, PREPROCESSOR_CONFIG))
         if config is None:
             raise FileNotFoundError(f"no {PREPROCESSOR_CONFIG} in directory {path!r}")
         if config.get("do_center_crop"):
@@ -213,13 +202,17 @@ class ImageProcessor:
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         _write_json(directory, PREPROCESSOR_CONFIG, self.to_dict())
 
-    def preprocess_one(self, image: ImageInput) -> np.ndarray:
-        """One image -> (H, W, 3) float32."""
-        x = _to_rgb(image)
-        if self.do_resize:
-            # transformers' PIL backend resizes the uint8 image with PIL itself.
-            resized = Image.fromarray(x).resize((self.width, self.height), resample=self.resample)
-            x = np.asarray(resized)
+    def resize(self, rgb: np.ndarray) -> np.ndarray:
+        """(H, W, 3) uint8 -> (height, width, 3) uint8; unchanged when do_resize is off."""
+        if not self.do_resize:
+            return rgb
+        # transformers' PIL backend resizes the uint8 image with PIL itself.
+        resized = Image.fromarray(rgb).resize((self.width, self.height), resample=self.resample)
+        return np.asarray(resized)
+
+    def normalize(self, pixels: np.ndarray) -> np.ndarray:
+        """(..., H, W, 3) uint8 or float pixels -> float32, rescaled and normalized."""
+        x = pixels
         if self.do_rescale:
             # transformers multiplies in float64 and only then casts to float32.
             x = (x.astype(np.float64) * self.rescale_factor).astype(np.float32)
@@ -229,6 +222,10 @@ class ImageProcessor:
             std = np.asarray(self.image_std, np.float32)
             x = (x - mean) / std  # in float32, as transformers does
         return x
+
+    def preprocess_one(self, image: ImageInput) -> np.ndarray:
+        """One image -> (H, W, 3) float32."""
+        return self.normalize(self.resize(_to_rgb(image)))
 
     def __call__(self, images: ImageInput | Sequence[ImageInput]) -> np.ndarray:
         """A PIL image, uint8 array ((H, W) or (H, W, C)), path, bytes, or list -> (B, H, W, 3)."""
@@ -320,10 +317,10 @@ class Tokenizer:
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> Tokenizer:
         path = os.fspath(path)
-        config = _read_json(path, TOKENIZER_CONFIG) or {}
+        config = read_json(os.path.join(path, TOKENIZER_CONFIG)) or {}
         if "added_tokens_decoder" not in config:
             # Legacy special_tokens_map.json overrides the config, as in transformers.
-            config.update(_read_json(path, SPECIAL_TOKENS_MAP) or {})
+            config.update(read_json(os.path.join(path, SPECIAL_TOKENS_MAP)) or {})
 
         backend = _load_backend(path, bool(config.get("add_prefix_space", False)))
 

@@ -87,6 +87,12 @@ def param_sharding(param: nnx.Variable, mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(*spec))
 
 
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Where a batch's leading (examples) dim lives: RULES["batch"], the split the models'
+    activations are constrained to, so that inputs and activations agree whatever the rules."""
+    return NamedSharding(mesh, logical_to_spec(("batch",), mesh.axis_names))
+
+
 def place(value: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
     """A host array onto `sharding`, each process putting only its own shards, so the same
     call serves one device, a mesh and a multi-host mesh."""

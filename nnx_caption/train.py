@@ -12,7 +12,7 @@ import json
 import os
 import re
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import jax
 import jax.numpy as jnp
@@ -21,32 +21,38 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from nnx_caption.flags import flag
 from nnx_caption.hf import path_str
 from nnx_caption.model import VisionEncoderDecoder
 from nnx_caption.safetensors_io import NonFiniteError, SafetensorsReader, write_safetensors
-from nnx_caption.sharding import place, scalar, to_host
+from nnx_caption.sharding import batch_sharding, place, scalar, to_host
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation settings, with the meaning (and defaults) of HF's captioning script."""
+    """Optimisation. The meaning (and defaults) of HF's captioning script; fields with help
+    are `train`'s flags of the same name (loop.TrainArgs extends this class)."""
 
-    learning_rate: float = 5e-5
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_epsilon: float = 1e-8
-    warmup_steps: int = 0
-    total_steps: int = 1000
-    label_smoothing_factor: float = 0.0
-    max_grad_norm: float | None = None
-    gradient_accumulation_steps: int = 1
+    learning_rate: float = flag(5e-5, "peak learning rate of AdamW")
+    weight_decay: float = flag(0.0, "AdamW weight decay (not on biases and LayerNorm)")
+    adam_beta1: float = flag(0.9, "AdamW beta1")
+    adam_beta2: float = flag(0.999, "AdamW beta2")
+    adam_epsilon: float = flag(1e-8, "AdamW epsilon")
+    warmup_steps: int = flag(0, "linear warmup steps, then linear decay to 0")
+    total_steps: int = 1000  # `train` derives it from --max_steps or --num_train_epochs
+    label_smoothing_factor: float = flag(0.0, "label smoothing of the cross-entropy")
+    max_grad_norm: float | None = flag(None, "clip gradients to this global norm")
+    gradient_accumulation_steps: int = flag(1, "micro-batches summed per optimizer step")
     # What trains, by NNX path (see trainable()): prefixes or whole-path regexes.
-    freeze: tuple[str, ...] = field(default_factory=tuple)  # e.g. "encoder": never trains
-    trainable: tuple[str, ...] = field(default_factory=tuple)  # only these train (empty: all)
+    freeze: tuple[str, ...] = flag((), "NNX path prefixes or regexes not to train, e.g. encoder")
+    trainable: tuple[str, ...] = flag(
+        (),
+        "only the parameters these NNX path prefixes or regexes match train; the rest is "
+        "frozen (default: all)",
+    )
     lora: bool = False  # train the LoRA adapters (lora.add_lora) and new_params; the rest frozen
-    new_params: tuple[str, ...] = field(default_factory=tuple)  # from_pretrained's new_params
-    seed: int = 42
+    new_params: tuple[str, ...] = ()  # from_pretrained's new_params (flags.ModelArgs' flag)
+    seed: int = flag(42, "seed of data order, dropout and init")
 
 
 # Loss -----------------------------------------------------------------------------------------
@@ -229,7 +235,7 @@ class Trainer:
             out_shardings=(shardings, None) if mesh is not None else None,
         )
         if mesh is not None:
-            self.batch_sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+            self.batch_sharding = batch_sharding(mesh)
 
     @property
     def model(self) -> VisionEncoderDecoder:

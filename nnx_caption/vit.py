@@ -72,7 +72,7 @@ class ViTEmbeddings(nnx.Module):
             raise ValueError(f"images have {c} channels; the config says {self.cfg.num_channels}")
         gh, gw = h // p, w // p
         patches = images[:, : gh * p, : gw * p].reshape(b, gh, p, gw, p, c).swapaxes(2, 3)
-        x = self.patch(patches).reshape(b, gh * gw, -1)  # (B, patches, E)
+        x = self.patch(patches).reshape(b, gh * gw, -1)  # (B, S - 1, E): one token per patch
         cls = jnp.broadcast_to(self.cls[...].astype(x.dtype), (b, 1, x.shape[-1]))
         x = jnp.concatenate([cls, x], axis=1)
         return x + self.position_table(h, w).astype(x.dtype)
@@ -153,7 +153,7 @@ class ViT(nnx.Module):
         self.execution = execution or Execution()
 
     def __call__(self, images: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
-        """(B, H, W, C) normalised images -> (B, 1 + patches, hidden) last hidden state."""
+        """(B, height, width, C) normalised images -> (B, S, E) last hidden state."""
         if self.dtype is not None:
             images = images.astype(self.dtype)
         x = dropout(self.embeddings(images), self.dropout_rate, rngs)

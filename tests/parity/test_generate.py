@@ -11,7 +11,7 @@ import torch
 from reference import build_eos_model
 
 import nnx_caption as nc
-from nnx_caption.generate import _knobs, _search, _warp
+from nnx_caption.generate import _search, _warp, search_settings
 
 BOOSTS = {"short": 1.5, "long": 1.0}  # EOS likely early / EOS rarer: beams end at many steps
 
@@ -202,7 +202,8 @@ def test_sampling_is_reproducible_and_warpers_match_transformers(pair):
             want = TopKLogitsWarper(top_k)(None, want)
         if top_p < 1:
             want = TopPLogitsWarper(top_p)(None, want)
-        knobs = _knobs(0, 1.0, False, temperature, top_k, top_p)
+        settings = dict(do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p)
+        knobs = search_settings(model.config, **settings).knobs
         got = _warp(jnp.asarray(scores), knobs)
         np.testing.assert_allclose(
             got, want.numpy(), rtol=1e-6, err_msg=f"{temperature} {top_k} {top_p}"

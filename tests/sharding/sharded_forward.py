@@ -13,10 +13,10 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
 import nnx_caption as nc  # noqa: E402
-from nnx_caption.sharding import make_mesh  # noqa: E402
+from nnx_caption.hf import path_str  # noqa: E402
+from nnx_caption.sharding import batch_sharding, make_mesh  # noqa: E402
 
 
 def main(tiny_dir: str, meshes: list[tuple[int, int, int]]) -> None:
@@ -49,10 +49,10 @@ def main(tiny_dir: str, meshes: list[tuple[int, int, int]]) -> None:
         mesh = make_mesh(data=data, fsdp=fsdp, tensor=tensor)
         model = nc.from_pretrained(tiny, mesh=mesh)
         specs = {
-            ".".join(map(str, p)): str(tuple(v[...].sharding.spec))
+            path_str(p): str(tuple(v[...].sharding.spec))
             for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
         }
-        batch = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+        batch = batch_sharding(mesh)  # the rules' batch split, as training and generate use
         with jax.set_mesh(mesh):
             placed = [jax.device_put(x, batch) for x in inputs]
             got = nnx.jit(lambda m, *xs: m(*xs))(model, *placed)

@@ -1,0 +1,215 @@
+"""Batches: `CaptionDataset` (a split's images and encoded captions), epochs in an order that a
+function of (seed, epoch) rebuilds on resume, and the training and evaluation batch streams,
+prepared ahead in a background thread."""
+
+from __future__ import annotations
+
+import functools
+import queue
+import threading
+from collections.abc import Iterator
+from typing import Any, TypeVar
+
+import numpy as np
+
+from nnx_caption.data.images import ImageStore
+from nnx_caption.data.tables import DataError, Split
+from nnx_caption.data.targets import encode_targets
+from nnx_caption.processing import ImageProcessor, Tokenizer
+
+T = TypeVar("T")
+
+
+class CaptionDataset:
+    """A split with its images decoded and its captions encoded, ready to batch."""
+
+    def __init__(
+        self,
+        split: Split,
+        processor: ImageProcessor,
+        tokenizer: Tokenizer,
+        max_target_length: int,
+        decoder_start_token_id: int,
+        pad_token_id: int,
+        workers: int = 2,
+        cache_limit_bytes: float = 2 * 1024**3,
+    ) -> None:
+        # Each distinct image once: COCO-style tables repeat an image for each of its captions.
+        unique = list(dict.fromkeys(e.image for e in split.examples))
+        # Cache the resized images when they fit in cache_limit_bytes, else decode per batch.
+        cache = len(unique) * processor.height * processor.width * 3 <= cache_limit_bytes
+        store = ImageStore(unique, processor, workers, cache=cache)
+        slot = {path: i for i, path in enumerate(unique)}
+        rows = [slot[e.image] for e in split.examples]
+        failed = [
+            (e.image, r) for e, r in zip(split.examples, rows, strict=True) if not store.ok[r]
+        ]
+        self.skipped = list(split.skipped) + [(image, store.reasons[r]) for image, r in failed]
+        kept = [i for i, r in enumerate(rows) if store.ok[r]]
+        self.examples = [split.examples[i] for i in kept]
+        self._images = store
+        self._rows = np.asarray([rows[i] for i in kept], np.int64)
+        self._targets = encode_targets(
+            tokenizer,
+            [e.caption for e in self.examples],
+            max_target_length,
+            decoder_start_token_id,
+            pad_token_id,
+        )
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def batch(self, indices: np.ndarray, captions_per_image: int = 1) -> dict[str, np.ndarray]:
+        """The examples at `indices`. With captions_per_image k, indices come image-major in
+        groups of k sharing one image, and pixel_values holds each image once (len / k rows):
+        the model encodes it once and its captions share it (see image_groups)."""
+        indices = np.asarray(indices)
+        pixels, failed = self._images.pixels_and_failures(self._rows[indices[::captions_per_image]])
+        failed = np.repeat(failed, captions_per_image)
+        out = {"pixel_values": pixels}
+        out.update({k: v[indices] for k, v in self._targets.items()})
+        if failed.any():  # an image that broke only now: its row stays, its loss does not count
+            out["decoder_attention_mask"] = out["decoder_attention_mask"] * ~failed[:, None]
+        return out
+
+    def image_groups(self, k: int, seed: int, epoch: int) -> np.ndarray:
+        """One epoch as (images, k) example indices: every image once, in random order, with
+        k of its captions (a random k when it has more, some repeated when it has fewer). A
+        function of (seed, epoch) only, like epoch_order."""
+        rng = np.random.default_rng([seed, epoch, k])
+        picks = [
+            rng.permutation(g)[:k] if len(g) >= k else rng.choice(g, k, replace=True)
+            for g in self._captions_by_image
+        ]
+        return np.stack([picks[i] for i in rng.permutation(len(picks))])
+
+    @functools.cached_property
+    def _captions_by_image(self) -> list[np.ndarray]:
+        """Example indices of each distinct image's captions, grouped once."""
+        if len(self._rows) == 0:
+            return []
+        by_image = np.argsort(self._rows, kind="stable")
+        starts = np.flatnonzero(np.diff(self._rows[by_image])) + 1
+        return np.split(by_image, starts)
+
+    @property
+    def images(self) -> int:
+        """Distinct images (after skipping those that failed to decode)."""
+        return len(self._captions_by_image)
+
+    @property
+    def late_failures(self) -> list[tuple[str, str]]:
+        """Images that passed the up-front check but failed to decode in a batch."""
+        return self._images.late_failures
+
+    def steps_per_epoch(self, batch_size: int, captions_per_image: int = 1) -> int:
+        """Full batches in an epoch (the last partial batch is dropped): of examples, or with
+        captions_per_image k, of batch_size / k images. A DataError when not even one."""
+        k = captions_per_image
+        if k < 1 or batch_size % k:
+            raise DataError(f"a batch of {batch_size} does not split into groups of {k} captions")
+        units, what = (self.images, "images") if k > 1 else (len(self), "examples")
+        per_batch = batch_size // k
+        if per_batch < 1 or units < per_batch:
+            raise DataError(f"{units} {what} do not fill one batch of {per_batch}")
+        return units // per_batch
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """One epoch's example order: a function of (seed, epoch) only, so a resume rebuilds it."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+_END = object()
+
+
+def _prefetch(items: Iterator[T], ahead: int) -> Iterator[T]:
+    """`items`, produced by a background thread up to `ahead` in advance, so that preparing the
+    next batch overlaps the training step. Stops the thread when the consumer stops."""
+    if ahead <= 0:
+        yield from items
+        return
+    slots: queue.Queue = queue.Queue(maxsize=ahead)
+    stop = threading.Event()
+
+    def put(entry: tuple[Any, BaseException | None]) -> bool:
+        while not stop.is_set():
+            try:
+                slots.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put((item, None)):
+                    return
+            put((_END, None))
+        except BaseException as e:  # handed to the consumer, raised there
+            put((None, e))
+
+    thread = threading.Thread(target=produce, name="nnx-caption-batches", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, error = slots.get()
+            if error is not None:
+                raise error
+            if item is _END:
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
+def train_batches(
+    ds: CaptionDataset,
+    batch_size: int,
+    seed: int,
+    start_step: int = 0,
+    prefetch: int = 2,
+    captions_per_image: int = 1,
+) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+    """(global step, batch) forever from `start_step`, the same batches whether or not the run
+    was interrupted: step s is batch s % steps_per_epoch of epoch s // steps_per_epoch.
+
+    captions_per_image 1 (HF's script): an epoch is every example once, each row its own
+    image. k > 1: an epoch is every image once with k of its captions (ds.image_groups), each
+    batch batch_size / k images encoded once for their k captions."""
+    k = captions_per_image
+    steps = ds.steps_per_epoch(batch_size, k)  # checked here, before the first batch
+
+    def batches() -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+        step, epoch, order = start_step, None, None
+        while True:
+            if step // steps != epoch:
+                epoch = step // steps
+                order = (
+                    ds.image_groups(k, seed, epoch).reshape(-1)
+                    if k > 1
+                    else epoch_order(len(ds), seed, epoch)
+                )
+            position = (step % steps) * batch_size
+            yield step, ds.batch(order[position : position + batch_size], k)
+            step += 1
+
+    return _prefetch(batches(), prefetch)
+
+
+def eval_batches(
+    ds: CaptionDataset, batch_size: int
+) -> Iterator[tuple[dict[str, np.ndarray], int]]:
+    """(batch, n_real) over every example in order; the last batch is padded up to batch_size
+    with copies of its last example, so that every batch has the one compiled shape."""
+
+    def batches() -> Iterator[tuple[dict[str, np.ndarray], int]]:
+        for start in range(0, len(ds), batch_size):
+            indices = np.arange(start, min(start + batch_size, len(ds)))
+            padded = np.concatenate([indices, np.full(batch_size - len(indices), indices[-1])])
+            yield ds.batch(padded), len(indices)
+
+    return _prefetch(batches(), 2)
