@@ -12,6 +12,7 @@ from nnx_caption.data import DataError
 from nnx_caption.edits import ModelClassError
 from nnx_caption.flags import UsageError, add_argument
 from nnx_caption.predict import predict
+from nnx_caption.preemption import Preempted
 from nnx_caption.safetensors_io import CheckpointError
 
 
@@ -109,6 +110,19 @@ def _add_predict(sub) -> None:
     add_argument(p, "max_length", type=int, help="counts the start token")
     add_argument(p, "max_new_tokens", type=int, help="wins over --max_length")
     add_argument(p, "image_column", default="image", help="column of csv/jsonl/json inputs")
+    add_argument(
+        p,
+        "caption_column",
+        help="column of csv/jsonl/json inputs holding reference captions (several rows of one "
+        "image: several references): the gallery and predictions.jsonl show which match",
+    )
+    add_argument(
+        p,
+        "attention_maps",
+        action="store_true",
+        help="put each caption's cross-attention over its image into gallery.html (hover or "
+        "click a word)",
+    )
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--limit", type=int, help="caption only the first N images")
     add_argument(p, "gallery_size", type=int, default=1000, help="images shown in gallery.html")
@@ -128,22 +142,10 @@ MODEL_CLASS_HELP = (
 
 
 def _predict(args: argparse.Namespace) -> None:
-    summary = predict(
-        args.model,
-        args.inputs,
-        args.output_dir,
-        batch_size=args.batch_size,
-        num_beams=args.num_beams,
-        max_length=args.max_length,
-        max_new_tokens=args.max_new_tokens,
-        image_column=args.image_column,
-        dtype=args.dtype,
-        revision=args.revision,
-        cache_dir=args.cache_dir,
-        limit=args.limit,
-        gallery_size=args.gallery_size,
-        model_class=args.model_class,
-    )
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "model", "inputs")}
+    summary = predict(args.model, args.inputs, **options)  # its flags are named as its options
+    if "CIDEr" in summary:
+        print(f"exact match {summary['exact_match']:.1f}%, CIDEr {summary['CIDEr']:.3f}")
     print(
         f"captioned {summary['captioned']} images, skipped {summary['skipped']} "
         f"({summary['caption_seconds']:.1f}s, {summary['images_per_second']:.1f} images/s); "
@@ -158,6 +160,16 @@ def _bench(args: argparse.Namespace, argv: list[str]) -> None:
     results = bench.run(options, command=" ".join(["nnx-caption", *argv]))
     print(bench.table(results))
     print(f"{results[0]['peak_source']}; wrote {os.path.join(options.output_dir, 'bench.json')}")
+
+
+def _plot(run_dir: str) -> None:
+    from nnx_caption.plots import plot_run
+
+    try:
+        written = plot_run(run_dir)
+    except FileNotFoundError as err:
+        raise UsageError(str(err)) from None
+    print(f"wrote {', '.join(written) or 'nothing: metrics.jsonl holds no metrics yet'}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -191,6 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     help_ = "time training and decoding of any configuration: step time, MFU, memory"
     add_bench_flags(sub.add_parser("bench", help=help_, description=help_))
+    help_ = "draw a train run's metrics.jsonl as PNG plots next to it (loss, learning rate, ...)"
+    plot = sub.add_parser("plot", help=help_, description=help_)
+    plot.add_argument("run_dir", help="a `train` --output_dir (the folder holding metrics.jsonl)")
     demo = sub.add_parser("demo", help="train, evaluate and caption on the shapes dataset")
     demo.add_argument("--out", default="out/demo", help="where everything is written")
     demo.add_argument("--steps", type=int, default=3000, help="training steps")
@@ -220,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
             _predict(args)
         elif args.command == "bench":
             _bench(args, argv if argv is not None else sys.argv[1:])
+        elif args.command == "plot":
+            _plot(args.run_dir)
         elif args.command == "demo":
             from nnx_caption.demo import run_demo
 
@@ -228,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
             from nnx_caption.loop import args_from_namespace, run
 
             run(args_from_namespace(args, argv if argv is not None else sys.argv[1:]))
+    except Preempted as stop:  # a clean stop, as a preempted job must make: exit 0
+        print(f"nnx-caption {args.command}: {stop}", file=sys.stderr)
+        return 0
     except (CheckpointError, ConfigError, UsageError, DataError, ModelClassError) as err:
         print(f"nnx-caption {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -91,11 +91,14 @@ def run_demo(out: str = "out/demo", steps: int = 3000, seed: int = 0) -> dict:
 
     from nnx_caption.predict import predict
 
+    # The test split's table, so that the gallery shows each image's reference caption.
     gallery = predict(
         run_dir,
-        [splits["test"]],
+        [os.path.join(splits["test"], "metadata.jsonl")],
         os.path.join(run_dir, "gallery"),
         image_column="file_name",
+        caption_column="text",
+        attention_maps=True,
         batch_size=50,
         progress=False,
     )
@@ -118,8 +121,8 @@ def run_demo(out: str = "out/demo", steps: int = 3000, seed: int = 0) -> dict:
                 f"done in {summary['minutes']:.1f} min. Held-out test images:",
                 *(f"  {k:>16}: {v:.3f}" for k, v in summary.items() if k != "minutes"),
                 "",
-                f"  gallery     {gallery['gallery_file']}",
-                f"  loss curve  {os.path.join(run_dir, 'loss.png')}",
+                f"  gallery     {gallery['gallery_file']} (hover a word: where the decoder looked)",
+                f"  plots       {os.path.join(run_dir, '*.png')} (loss, learning rate, ...)",
                 f"  metrics     {os.path.join(run_dir, 'test_results.json')}",
                 f"  captions    {os.path.join(run_dir, 'generated_test.json')}",
                 f"  model (HF layout, loads in transformers)  {run_dir}",

@@ -35,6 +35,7 @@ class Search:
     no_repeat_ngram_size: int
     num_return_sequences: int
     do_sample: bool
+    output_cross_attentions: bool
     start: int  # decoder_start_token_id
     eos: int
     pad: int
@@ -71,6 +72,7 @@ def search_settings(
     temperature: float | None = None,
     top_k: int | None = None,
     top_p: float | None = None,
+    output_cross_attentions: bool = False,
 ) -> Settings:
     """generate()'s arguments, those left None taken from the checkpoint's generation config
     (generation_config.json) as transformers does, and checked: a ValueError names the bad one.
@@ -90,6 +92,7 @@ def search_settings(
         no_repeat_ngram_size=pick(no_repeat_ngram_size, gen.no_repeat_ngram_size),
         num_return_sequences=pick(num_return_sequences, gen.num_return_sequences),
         do_sample=bool(pick(do_sample, gen.do_sample)),
+        output_cross_attentions=bool(output_cross_attentions),
         start=config.decoder_start_token_id,
         eos=config.eos_token_id,
         pad=config.pad_token_id,
@@ -136,6 +139,9 @@ def _validate(
 class GenerateOutput(NamedTuple):
     sequences: np.ndarray  # (B * num_return_sequences, T) int32, start token first
     scores: np.ndarray  # (B * num_return_sequences,) float32: sequences_scores
+    # With output_cross_attentions: (B * num_return_sequences, max_length - 1, L, H, S) float32,
+    # the cross-attention weights of each generated token's step (zeros after its row's end).
+    cross_attentions: np.ndarray | None = None
 
 
 def generate(
@@ -150,7 +156,8 @@ def generate(
 
     `arguments` are search_settings' (max_length, max_new_tokens, min_length, num_beams,
     length_penalty, early_stopping, no_repeat_ngram_size, num_return_sequences, do_sample,
-    temperature, top_k, top_p): those not given take the checkpoint's generation config.
+    temperature, top_k, top_p), those not given taken from the checkpoint's generation config,
+    and output_cross_attentions (default False), which also returns `cross_attentions`.
     Beam search returns transformers' `sequences_scores`; greedy and sampling return the same
     quantity for their one hypothesis (summed log-probabilities / length ** length_penalty).
     `seed` seeds sampling. With a `mesh`, images are split over its batch axes
@@ -161,22 +168,34 @@ def generate(
     pixels = jnp.asarray(pixel_values)
     key = jax.random.key(seed)
     if mesh is None:
-        tokens, scores, length = _search(graphdef, state, pixels, key, knobs, search)
+        tokens, scores, length, weights = _search(graphdef, state, pixels, key, knobs, search)
     else:
         with jax.set_mesh(mesh):
             pixels = place(np.asarray(pixels), batch_sharding(mesh))  # also across hosts
-            tokens, scores, length = _search(graphdef, state, pixels, key, knobs, search)
+            tokens, scores, length, weights = _search(graphdef, state, pixels, key, knobs, search)
     tokens, scores = to_host(tokens), to_host(scores)  # gathered from every process
-    return GenerateOutput(tokens[:, : int(scalar(length))], scores)
+    weights = None if weights is None else to_host(weights)
+    return GenerateOutput(tokens[:, : int(scalar(length))], scores, weights)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 5))
 def _search(graphdef, state, pixels, key, knobs: Knobs, s: Search):
+    """(sequences (N, T), scores (N,), the longest row's length (start token counted),
+    cross-attention weights (N, T - 1, L, H, S) or None)."""
     model = nnx.merge(graphdef, state)
     image = model.encode(pixels)  # (B, S, E)
     cross_kv = model.decoder.cross_kv(image)  # one per image, shared by that image's rows
     search = _sample if s.num_beams == 1 else _beam
-    return search(model, cross_kv, image.shape[0], key, knobs, s)
+    tokens, scores, lengths = search(model, cross_kv, image.shape[0], key, knobs, s)  # (N,)s
+    length = 1 + jnp.max(lengths)  # each row ends at its EOS or at max_length
+    if not s.output_cross_attentions:
+        return tokens, scores, length, None
+    # The returned sequences read once more, as in training: position t's query is the step
+    # that chose token t + 1, whatever beam it was on then, so a beam's weights follow its
+    # ancestry. Causal attention makes each position's weights those of the search's step.
+    weights = model.decoder.cross_attention_weights(tokens[:, :-1], cross_kv=cross_kv)
+    ended = jnp.arange(s.max_length - 1)[None, :] >= lengths[:, None]  # (N, T - 1)
+    return tokens, scores, length, jnp.where(ended[:, :, None, None, None], 0.0, weights)
 
 
 # Logits processors: the transformers ones our arguments enable, in their order -------------
@@ -292,7 +311,7 @@ def _sample(model, cross_kv, images: int, key, knobs: Knobs, s: Search):
 
     st = jax.lax.while_loop(going, step, state)
     scores = st.logprob / st.length.astype(jnp.float32) ** knobs.length_penalty
-    return st.tokens, scores, st.cur_len
+    return st.tokens, scores, st.length
 
 
 # Beam search (transformers' vectorised _beam_search) ---------------------------------------
@@ -372,7 +391,7 @@ def _beam(model, cross_kv, images: int, key, knobs: Knobs, s: Search):
     st = jax.lax.while_loop(lambda st: st.go_on & (st.cur_len < length), step, st)
     n = s.num_return_sequences
     sequences = st.sequences[:, :n].reshape(images * n, length)
-    return sequences, st.scores[:, :n].reshape(-1), 1 + jnp.max(st.lengths[:, :n])
+    return sequences, st.scores[:, :n].reshape(-1), st.lengths[:, :n].reshape(-1)
 
 
 def _beam_log_probs(model, st: BeamState, cross_kv, knobs: Knobs, s: Search, first: bool):

@@ -119,15 +119,21 @@ class CrossAttention(nnx.Module):
         return heads_first(kv[:, :, 0]), heads_first(kv[:, :, 1])
 
     def __call__(
-        self, x: jax.Array, layer: jax.Array | int, kv: KV, rngs: nnx.Rngs | None
-    ) -> jax.Array:
+        self,
+        x: jax.Array,
+        layer: jax.Array | int,
+        kv: KV,
+        rngs: nnx.Rngs | None,
+        return_weights: bool = False,
+    ) -> jax.Array | tuple[jax.Array, jax.Array]:
         """x (N, T, E), N a multiple of the B images in kv: the rows of an image (beams,
         captions) are adjacent and share its one K/V instead of a copy each. Cross-attention has
-        no mask, so the rows of an image fold into its query axis and the result is exact."""
+        no mask, so the rows of an image fold into its query axis and the result is exact.
+        Returns (N, T, E), and with `return_weights` the weights (N, T, H, S) float32 too."""
         n, t = x.shape[:2]
         images, heads, _, head_dim = kv[0].shape
         q = self.q(x).reshape(images, -1, heads, head_dim)  # (B, N / B * T, H, D)
-        out = attention(
+        out, weights = attention(
             q,
             kv[0],
             kv[1],
@@ -136,8 +142,12 @@ class CrossAttention(nnx.Module):
             upcast=self.upcast,
             dropout_rate=self.dropout_rate,
             rngs=rngs,
-        )
-        return self.o(out.reshape(n, t, *out.shape[2:]))  # (N, T, E)
+            return_weights=True,
+        )  # (B, N / B * T, H, D), (B, H, N / B * T, S)
+        out = self.o(out.reshape(n, t, *out.shape[2:]))  # (N, T, E)
+        if not return_weights:
+            return out
+        return out, weights.transpose(0, 2, 1, 3).reshape(n, t, heads, -1)  # (N, T, H, S)
 
 
 class GPT2Block(nnx.Module):
@@ -169,14 +179,21 @@ class GPT2Block(nnx.Module):
         rngs: nnx.Rngs | None,
         cache: KV | None = None,
         start: jax.Array | int = 0,
-    ) -> tuple[KV | None, jax.Array]:
-        """x (N, T, E) -> (updated cache, (N, T, E))."""
+        *,
+        cross_weights: bool = False,
+    ) -> tuple[Any, jax.Array]:
+        """x (N, T, E) -> (updated cache, (N, T, E)); with `cross_weights`, ((updated cache,
+        cross-attention weights (N, T, H, S)), (N, T, E))."""
         cache, h = self.attn(self.ln_1(x), layer, mask, rngs, cache, start)
         x = x + dropout(h, self.dropout_rate, rngs)
-        h = self.cross(self.ln_cross(x), layer, image_kv, rngs)
+        h = self.cross(self.ln_cross(x), layer, image_kv, rngs, return_weights=cross_weights)
+        out = cache
+        if cross_weights:
+            h, weights = h
+            out = (cache, weights)
         x = x + dropout(h, self.dropout_rate, rngs)
         x = x + dropout(self.mlp(self.ln_2(x)), self.dropout_rate, rngs)
-        return cache, constrain(x, ("batch", "seq", "act_embed"))
+        return out, constrain(x, ("batch", "seq", "act_embed"))
 
 
 class GPT2(nnx.Module):
@@ -248,6 +265,35 @@ class GPT2(nnx.Module):
         attends causally to the others. Decoding passes `cache` (from `init_cache`): the tokens
         are written into it and attend to all of it, and the updated cache is returned.
         """
+        x, new_cache = self._blocks(ids, image, mask, rngs, cross_kv, cache, start)
+        wte = self.wte[...]
+        x = self.ln_f(x)
+        # Logits come out in float32 whatever the compute dtype: the loss and the search's
+        # log-softmax want them there, and the matmul accumulates in float32 anyway.
+        if self.lm_head is not None:
+            logits = contract(x, self.lm_head.kernel[...], 1, x.dtype)
+        else:  # tied: the embedding table is the output projection
+            logits = jnp.einsum(
+                "nte,ve->ntv", x, wte.astype(x.dtype), preferred_element_type=jnp.float32
+            )
+        logits = constrain(logits, ("batch", "seq", "act_vocab"))
+        return logits, (None if cache is None else new_cache)
+
+    def cross_attention_weights(
+        self,
+        ids: jax.Array,
+        image: jax.Array | None = None,
+        mask: jax.Array | None = None,
+        *,
+        cross_kv: list[Any] | None = None,
+    ) -> jax.Array:
+        """(N, T, L, H, S) float32: each position's cross-attention weights over the image
+        tokens, in every layer and head, for ids (N, T) read as in training (no cache)."""
+        _, outs = self._blocks(ids, image, mask, None, cross_kv, None, 0, cross_weights=True)
+        return jnp.stack([weights for _, weights in outs], axis=2)
+
+    def _blocks(self, ids, image, mask, rngs, cross_kv, cache, start, cross_weights=False):
+        """The embeddings and every block: (x (N, T, E) before ln_f, each layer's output)."""
         t = ids.shape[1]
         positions = start + jnp.arange(t)
         if cache is None and t > self.cfg.n_positions:
@@ -269,17 +315,8 @@ class GPT2(nnx.Module):
             image_kv, layer_cache = extra
             if image_kv is None:  # projected inside the layer: under scan, one layer's at a time
                 image_kv = block.image_kv(image)
+            if cross_weights:  # only asked for when wanted: an edited block may lack the flag
+                return block(x, i, image_kv, attend, rngs, layer_cache, start, cross_weights=True)
             return block(x, i, image_kv, attend, rngs, layer_cache, start)
 
-        x, new_cache = run_blocks(self.blocks, layer, x, rngs, self.execution, per_layer)
-        x = self.ln_f(x)
-        # Logits come out in float32 whatever the compute dtype: the loss and the search's
-        # log-softmax want them there, and the matmul accumulates in float32 anyway.
-        if self.lm_head is not None:
-            logits = contract(x, self.lm_head.kernel[...], 1, x.dtype)
-        else:  # tied: the embedding table is the output projection
-            logits = jnp.einsum(
-                "nte,ve->ntv", x, wte.astype(x.dtype), preferred_element_type=jnp.float32
-            )
-        logits = constrain(logits, ("batch", "seq", "act_vocab"))
-        return logits, (None if cache is None else new_cache)
+        return run_blocks(self.blocks, layer, x, rngs, self.execution, per_layer)

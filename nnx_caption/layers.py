@@ -196,9 +196,11 @@ def attention(
     upcast: bool = False,
     dropout_rate: float = 0.0,
     rngs: nnx.Rngs | None = None,
-) -> jax.Array:
+    return_weights: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Softmax attention. q (B,T,H,D); k, v heads-first (B,H,S,D); mask bool broadcasting to
-    (B,H,T,S); scale a float or a traced scalar. Returns (B,T,H,D).
+    (B,H,T,S); scale a float or a traced scalar. Returns (B,T,H,D), and with `return_weights`
+    the attention weights (B,H,T,S) float32 too (before dropout).
 
     Keys and values come heads-first because that is the layout the batched matmuls read:
     decoding keeps its caches in it, so no step transposes them again. Scores and softmax run
@@ -214,10 +216,11 @@ def attention(
     scores = constrain(scores, ("batch", "act_heads", "seq", None))
     if mask is not None:
         scores = jnp.where(mask, scores, jnp.finfo(scores.dtype).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    probs = dropout(probs, dropout_rate, rngs)
+    weights = jax.nn.softmax(scores, axis=-1)  # (B, H, T, S)
+    probs = dropout(weights.astype(v.dtype), dropout_rate, rngs)
     out = jnp.einsum("bhts,bhsd->bhtd", probs, v, preferred_element_type=f32)
-    return heads_first(out.astype(v.dtype))
+    out = heads_first(out.astype(v.dtype))
+    return (out, weights) if return_weights else out
 
 
 def heads_first(x: jax.Array) -> jax.Array:

@@ -7,10 +7,10 @@ output_dir by itself.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
-import sys
 import time
 from dataclasses import dataclass, fields
 
@@ -19,6 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from nnx_caption import data as data_lib
+from nnx_caption import gallery
+from nnx_caption.files import replacing
 from nnx_caption.flags import (
     ModelArgs,
     UsageError,
@@ -29,8 +31,11 @@ from nnx_caption.flags import (
     from_values,
 )
 from nnx_caption.hf import resolve, save_pretrained
+from nnx_caption.plots import METRICS_FILE, plot_run
+from nnx_caption.preemption import Preempted, Preemption
 from nnx_caption.processing import ImageProcessor, Tokenizer
-from nnx_caption.train import TrainConfig, Trainer, checkpoints, prune_checkpoints
+from nnx_caption.progress import first_call, log
+from nnx_caption.train import TrainConfig, Trainer, checkpoints
 
 
 @dataclass(frozen=True)
@@ -51,7 +56,10 @@ class TrainArgs(ModelArgs, TrainConfig):
     )
     do_predict: bool = flag(False, "evaluate on --test_file")
     train_file: str | None = flag(
-        None, "csv / json / jsonl with image and caption columns, or an imagefolder"
+        None,
+        "csv / json / jsonl with image and caption columns, an imagefolder, a COCO captions "
+        "file (captions_train2017.json) or a Karpathy split file (dataset_coco.json: its train "
+        "split; as --validation_file its val split, as --test_file its test split)",
     )
     validation_file: str | None = flag(None, "as --train_file, for evaluation")
     test_file: str | None = flag(None, "as --train_file, for --do_predict")
@@ -61,6 +69,12 @@ class TrainArgs(ModelArgs, TrainConfig):
         "`datasets` package)",
     )
     dataset_config_name: str | None = flag(None, "HF datasets config name")
+    image_dir: str | None = flag(
+        None, "folder the image paths of the data files are relative to (COCO: e.g. train2017)"
+    )
+    karpathy_restval: bool = flag(
+        False, "a Karpathy split file as --train_file: train on its restval images too"
+    )
     data_dir: str | None = flag(
         None, "folder image paths are relative to (default: the data file's folder)"
     )
@@ -110,8 +124,10 @@ class TrainArgs(ModelArgs, TrainConfig):
     eval_limit_batches: int | None = flag(None, "evaluate only the first N batches")
 
 
-def _log(msg: str) -> None:
-    print(f"[nnx-caption] {msg}", file=sys.stderr, flush=True)
+def _append_metrics(output_dir: str, row: dict) -> None:
+    """One row of metrics.jsonl: a logging step's training metrics or an evaluation's."""
+    with open(os.path.join(output_dir, METRICS_FILE), "a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
 
 
 def _check_args(a: TrainArgs) -> None:
@@ -153,16 +169,31 @@ def _holds_files(directory: str) -> bool:
     return any(files for _, _, files in os.walk(directory))
 
 
+RUN_MARKER = "train_args.json"  # the flags of the run, written first: the folder is a run's
+KEPT_ON_RESTART = (RUN_MARKER, "dataset_images")  # the rest of a run that never saved is redone
+
+
 def _prepare_output_dir(a: TrainArgs) -> str:
+    """The checkpoint folder in output_dir. A run killed before its first checkpoint starts
+    over; a folder that holds anything else is refused."""
     ckpt_dir = os.path.join(a.output_dir, "checkpoints")
     if a.overwrite_output_dir and os.path.isdir(a.output_dir):
         shutil.rmtree(a.output_dir)
     elif a.do_train and _holds_files(a.output_dir) and not checkpoints(ckpt_dir):
-        raise UsageError(
-            f"--output_dir {a.output_dir} exists, is not empty and holds no checkpoint to "
-            "resume from; use --overwrite_output_dir to start over there"
-        )
+        if not os.path.isfile(os.path.join(a.output_dir, RUN_MARKER)):
+            raise UsageError(
+                f"--output_dir {a.output_dir} exists, is not empty and holds neither a "
+                "checkpoint to resume from nor an earlier run of this command; use "
+                "--overwrite_output_dir to start over there"
+            )
+        log(f"{a.output_dir}: the earlier run stopped before its first checkpoint: starting over")
+        for name in set(os.listdir(a.output_dir)) - set(KEPT_ON_RESTART):
+            path = os.path.join(a.output_dir, name)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
     os.makedirs(ckpt_dir, exist_ok=True)
+    if a.do_train and jax.process_index() == 0:
+        with replacing(os.path.join(a.output_dir, RUN_MARKER), encoding="utf-8") as f:
+            json.dump(dataclasses.asdict(a), f, indent=2)
     return ckpt_dir
 
 
@@ -213,7 +244,15 @@ def _dataset(
     if a.dataset_name:
         split = hf_dataset_split(a, {"eval": "validation"}.get(name, name), limit)
     else:
-        split = data_lib.load_split(path, a.image_column, a.caption_column, a.data_dir, limit)
+        split = data_lib.load_split(
+            path,
+            a.image_column,
+            a.caption_column,
+            a.image_dir or a.data_dir,
+            limit,
+            split={"eval": "validation"}.get(name, name),
+            karpathy_restval=a.karpathy_restval,
+        )
     ds = data_lib.CaptionDataset(
         split,
         proc,
@@ -226,7 +265,7 @@ def _dataset(
     )
     skipped = ds.skipped
     if skipped:
-        _log(
+        log(
             f"{name}: skipped {len(skipped)} of {len(skipped) + len(ds)} rows; first: "
             + "; ".join(f"{where}: {why}" for where, why in skipped[:3])
         )
@@ -235,7 +274,7 @@ def _dataset(
                 f.write(json.dumps({"row": where, "reason": why}) + "\n")
     if len(ds) == 0:
         raise UsageError(f"{path or a.dataset_name}: no usable rows ({len(skipped)} skipped)")
-    _log(f"{name}: {len(ds)} examples from {path or a.dataset_name}")
+    log(f"{name}: {len(ds)} examples from {path or a.dataset_name}")
     return ds
 
 
@@ -250,7 +289,7 @@ def run(a: TrainArgs) -> dict:
     if a.lora_rank:
         from nnx_caption.lora import add_lora
 
-        _log(
+        log(
             f"LoRA rank {a.lora_rank} on {add_lora(model, a.lora_rank, seed=a.seed)} "
             "projections; only the adapters train"
         )
@@ -283,13 +322,15 @@ def run(a: TrainArgs) -> dict:
     existing = checkpoints(ckpt_dir)
     if existing and a.do_train:
         meta = trainer.restore(existing[-1])
-        _log(f"resumed from {existing[-1]} (step {meta['step']})")
+        log(f"resumed from {existing[-1]} (step {meta['step']})")
 
     def evaluate(ds, prefix: str) -> dict:
         out = evaluate_split(trainer, ds, eval_batch, val_len, a, tok, prefix)
         with open(os.path.join(a.output_dir, f"{prefix}_results.json"), "w") as f:
             json.dump(out, f, indent=2)
-        _log(
+        _append_metrics(a.output_dir, {"step": trainer.step, **out})
+        plot_run(a.output_dir)
+        log(
             f"{prefix}: "
             + ", ".join(f"{k}={v:.4g}" for k, v in out.items() if isinstance(v, float))
         )
@@ -310,9 +351,7 @@ def run(a: TrainArgs) -> dict:
             "final_loss": history[-1]["loss"] if history else None,
         }
         export(trainer, a.output_dir, source)
-        plot_loss(
-            os.path.join(a.output_dir, "metrics.jsonl"), os.path.join(a.output_dir, "loss.png")
-        )
+        plot_run(a.output_dir)
     if a.do_eval:
         results["eval"] = evaluate(eval_ds, "eval")
     if a.do_predict:
@@ -330,64 +369,89 @@ def train_loop(
     from tensorboardX import SummaryWriter
     from tqdm import tqdm
 
-    metrics_path = os.path.join(a.output_dir, "metrics.jsonl")
     board = SummaryWriter(os.path.join(a.output_dir, "tensorboard"))
     history: list[dict] = []
     window: list[dict] = []
-    bar = tqdm(
-        total=total,
-        initial=trainer.step,
-        desc="train",
-        unit="step",
-        dynamic_ncols=True,
-        mininterval=2.0,
-    )
-    start, t0 = trainer.step, time.perf_counter()
+    bar = None  # made after the first step, which compiles: its ETA would count compiling
+    timed_steps, timed_since = 0, 0.0  # steps in the logging window after the compiling one
     per_image = a.captions_per_image
     batches = data_lib.train_batches(
         ds, global_batch, a.seed, start_step=trainer.step, captions_per_image=per_image
     )
-    for step, batch in batches:
-        if step >= total:
-            break
-        window.append(trainer.train_step(batch))
-        done = trainer.step
-        bar.update(1)
-        if done % a.logging_steps == 0 or done == total:
-            logged = {k: float(np.mean([float(m[k]) for m in window])) for k in window[0]}
-            rate = (done - start) * global_batch / (time.perf_counter() - t0)
-            logged.update(
-                step=done,
-                epoch=done / ds.steps_per_epoch(global_batch, per_image),
-                examples_per_second=rate,
-            )
-            history.append(logged)
-            window = []
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(logged) + "\n")
-            for key in ("loss", "learning_rate", "grad_norm", "examples_per_second"):
-                board.add_scalar(f"train/{key}", logged[key], done)
-            board.flush()
-            bar.set_postfix(
-                loss=f"{logged['loss']:.3f}",
-                lr=f"{logged['learning_rate']:.2e}",
-                ex_s=f"{rate:.0f}",
-            )
-        if eval_fn is not None and a.eval_steps and done % a.eval_steps == 0 and done < total:
-            eval_fn()
-        if a.save_steps and done % a.save_steps == 0:
-            trainer.save(ckpt_dir, {"seed": a.seed})
-            prune_checkpoints(ckpt_dir, a.save_total_limit)
-    bar.close()
+    with Preemption() as preemption:  # SIGTERM: save at the next step boundary, exit 0
+        for step, batch in batches:
+            if step >= total:
+                break
+            if bar is None:
+                window.append(first_call("train step", trainer.train_step, batch))
+                bar = tqdm(
+                    total=total,
+                    initial=trainer.step,
+                    desc="train",
+                    unit="step",
+                    dynamic_ncols=True,
+                    mininterval=2.0,
+                )
+                timed_since = time.perf_counter()
+            else:
+                window.append(trainer.train_step(batch))
+                timed_steps += 1
+                bar.update(1)
+            done = trainer.step
+            if done % a.logging_steps == 0 or done == total:
+                logged = {k: float(np.mean([float(m[k]) for m in window])) for k in window[0]}
+                now = time.perf_counter()  # float() above waited for the window's steps
+                # Examples per second of the steps timed in the window: none when its only step
+                # was the compiling one.
+                rate = timed_steps * global_batch / (now - timed_since) if timed_steps else None
+                logged.update(
+                    step=done,
+                    epoch=done / ds.steps_per_epoch(global_batch, per_image),
+                    examples_per_second=rate,
+                )
+                history.append(logged)
+                window, timed_steps, timed_since = [], 0, now
+                _append_metrics(a.output_dir, logged)
+                for key in ("loss", "learning_rate", "grad_norm", "examples_per_second"):
+                    if logged[key] is not None:
+                        board.add_scalar(f"train/{key}", logged[key], done)
+                board.flush()
+                bar.set_postfix(
+                    loss=f"{logged['loss']:.3f}",
+                    lr=f"{logged['learning_rate']:.2e}",
+                    ex_s="-" if rate is None else f"{rate:.0f}",
+                )
+            if eval_fn is not None and a.eval_steps and done % a.eval_steps == 0 and done < total:
+                eval_fn()
+                timed_since = time.perf_counter()  # the evaluation is not training throughput
+            saved = a.save_steps and done % a.save_steps == 0
+            if saved:
+                _save(trainer, ckpt_dir, a)
+            if preemption.stop_now():  # SIGTERM: stop here, saved, and say how to go on
+                if not saved:
+                    _save(trainer, ckpt_dir, a)
+                trainer.wait()
+                bar.close()
+                board.close()
+                raise Preempted(
+                    f"SIGTERM: saved step {done} in {ckpt_dir}; the same command resumes from it"
+                )
+    if bar is not None:
+        bar.close()
     if ds.late_failures:
-        _log(
+        log(
             f"{len(ds.late_failures)} images failed to decode during training and were left "
             f"out of the loss; first: {ds.late_failures[0][0]}: {ds.late_failures[0][1]}"
         )
     board.close()
-    trainer.save(ckpt_dir, {"seed": a.seed})
-    prune_checkpoints(ckpt_dir, a.save_total_limit)
+    _save(trainer, ckpt_dir, a)
+    trainer.wait()
     return history
+
+
+def _save(trainer: Trainer, ckpt_dir: str, a: TrainArgs) -> None:
+    """A checkpoint written in the background while training goes on (orbax, async)."""
+    trainer.save(ckpt_dir, {"seed": a.seed}, keep=a.save_total_limit, block=False)
 
 
 def evaluate_split(
@@ -399,60 +463,69 @@ def evaluate_split(
     tok: Tokenizer,
     prefix: str,
 ) -> dict:
-    """Loss over the split; with predict_with_generate, captions and caption metrics too."""
-    from nnx_caption.generate import generate
-    from nnx_caption.metrics import caption_metrics
-
+    """Loss over every caption of the split; with predict_with_generate, one caption per
+    distinct image, scored against all of that image's references (the COCO protocol)."""
     total, count = 0.0, 0.0
-    predictions: list[str] = []
-    model = trainer.model
     for i, (batch, n_real) in enumerate(data_lib.eval_batches(ds, batch_size)):
         if a.eval_limit_batches and i >= a.eval_limit_batches:
             break
         # The last batch is padded to the compiled shape: its padding rows carry no tokens.
         real_rows = (np.arange(len(batch["labels"])) < n_real)[:, None]
-        t, c = trainer.eval_loss(
-            dict(batch, decoder_attention_mask=batch["decoder_attention_mask"] * real_rows)
-        )
+        masked = dict(batch, decoder_attention_mask=batch["decoder_attention_mask"] * real_rows)
+        t, c = first_call("eval step", trainer.eval_loss, masked)
         total, count = total + t, count + c
-        if a.predict_with_generate:
-            out = generate(
-                model,
-                jnp.asarray(batch["pixel_values"]),
-                max_length=max_length,
-                num_beams=a.num_beams,
-                mesh=trainer.mesh,
-            )
-            predictions += [
-                p.strip()
-                for p in tok.batch_decode(out.sequences[:n_real], skip_special_tokens=True)
-            ]
     results = {f"{prefix}_loss": total / max(count, 1.0)}
     if a.predict_with_generate:
-        examples = ds.examples[: len(predictions)]
-        by_image: dict[str, list[str]] = {}
-        for ex in ds.examples:
-            by_image.setdefault(ex.image, []).append(ex.caption)
-        references = [by_image[ex.image] for ex in examples]
-        scores = caption_metrics(predictions, references)
-        results.update({f"{prefix}_{k}": v for k, v in scores.items()})
-        exact = np.mean(
-            [
-                p.lower() in {r.lower() for r in refs}
-                for p, refs in zip(predictions, references, strict=True)
-            ]
-        )
-        results[f"{prefix}_exact_match"] = float(exact) * 100
-        with open(os.path.join(a.output_dir, f"generated_{prefix}.json"), "w") as f:
-            json.dump(
-                [
-                    {"image": ex.image, "label": ex.caption, "prediction": p}
-                    for ex, p in zip(examples, predictions, strict=True)
-                ],
-                f,
-                indent=1,
-            )
+        results.update(_caption_images(trainer, ds, batch_size, max_length, a, tok, prefix))
     return results
+
+
+def _caption_images(trainer, ds, batch_size, max_length, a: TrainArgs, tok, prefix) -> dict:
+    """Captions each distinct image once; scores them against their references; writes
+    generated_{prefix}.json (image, prediction, references) and gallery_{prefix}.html."""
+    from nnx_caption.generate import generate
+    from nnx_caption.metrics import caption_metrics, matches_a_reference
+
+    rows, references = ds.image_rows()
+    predictions: list[str] = []
+    for i, (batch, n_real) in enumerate(data_lib.eval_batches(ds, batch_size, rows)):
+        if a.eval_limit_batches and i >= a.eval_limit_batches:
+            break
+        pixels = jnp.asarray(batch["pixel_values"])
+        kw = dict(max_length=max_length, num_beams=a.num_beams, mesh=trainer.mesh)
+        out = first_call("generation", generate, trainer.model, pixels, **kw)
+        texts = tok.batch_decode(out.sequences[:n_real], skip_special_tokens=True)
+        predictions += [text.strip() for text in texts]
+    images = [ds.examples[r].image for r in rows[: len(predictions)]]
+    references = references[: len(predictions)]
+    scores = caption_metrics(predictions, references)
+    results = {f"{prefix}_{k}": v for k, v in scores.items()}
+    exact = [matches_a_reference(p, refs) for p, refs in zip(predictions, references, strict=True)]
+    results[f"{prefix}_exact_match"] = float(np.mean(exact)) * 100
+    with replacing(os.path.join(a.output_dir, f"generated_{prefix}.json"), encoding="utf-8") as f:
+        entries = zip(images, predictions, references, strict=True)
+        json.dump([dict(image=i, prediction=p, references=r) for i, p, r in entries], f, indent=1)
+    cards = _cards(images, predictions, references)
+    settings = dict(num_beams=a.num_beams, max_length=max_length, step=trainer.step)
+    summary = f"exact match {results[f'{prefix}_exact_match']:.1f}%, CIDEr {scores['CIDEr']:.3f}"
+    page = gallery.page(f"{prefix} at step {trainer.step}", settings, cards, len(images), summary)
+    with replacing(os.path.join(a.output_dir, f"gallery_{prefix}.html"), encoding="utf-8") as f:
+        f.write(page)
+    return results
+
+
+def _cards(images: list[str], predictions: list[str], references: list[list[str]], limit=1000):
+    """Gallery cards of the first `limit` images."""
+    from nnx_caption.processing import _to_rgb
+
+    cards = []
+    for image, prediction, refs in zip(images[:limit], predictions, references, strict=False):
+        try:
+            thumb = gallery.thumbnail(_to_rgb(image))
+        except (OSError, ValueError):  # it decoded for the evaluation; a race with the disk
+            continue
+        cards.append(gallery.Card(image, thumb, prediction, None, references=refs))
+    return cards
 
 
 def export(trainer: Trainer, output_dir: str, source: str) -> str:
@@ -470,42 +543,14 @@ def export(trainer: Trainer, output_dir: str, source: str) -> str:
     save_pretrained(model, output_dir, layout=layout, overwrite=True)  # its own output_dir
     copy_aux_files(source, output_dir)
     if unnamed:
-        _log(
+        log(
             f"exported NNX layout to {output_dir}: {len(unnamed)} parameters have no Hugging "
             f"Face name (e.g. {unnamed[0]}), so transformers could not load them; load it with "
             f"--model_class {class_spec(type(model))}"
         )
     else:
-        _log(f"exported HF layout to {output_dir}: transformers loads it as it is")
+        log(f"exported HF layout to {output_dir}: transformers loads it as it is")
     return layout
-
-
-def plot_loss(metrics_path: str, png_path: str, size: tuple[int, int] = (640, 360)) -> None:
-    """A loss-curve PNG drawn with PIL (no plotting dependency)."""
-    from PIL import Image, ImageDraw
-
-    if not os.path.exists(metrics_path):
-        return
-    rows = [json.loads(line) for line in open(metrics_path)]
-    points = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    if len(points) < 2:
-        return
-    w, h, pad = *size, 40
-    img = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(img)
-    steps, losses = zip(*points, strict=True)
-    lo, hi = min(losses), max(losses)
-    span_x, span_y = max(steps[-1] - steps[0], 1), max(hi - lo, 1e-9)
-    xy = [
-        (pad + (s - steps[0]) / span_x * (w - 2 * pad), h - pad - (v - lo) / span_y * (h - 2 * pad))
-        for s, v in points
-    ]
-    draw.rectangle([pad, pad, w - pad, h - pad], outline="#999999")
-    draw.line(xy, fill="#1f77b4", width=2)
-    draw.text((pad, 10), f"training loss: {hi:.3f} -> {losses[-1]:.3f}", fill="black")
-    draw.text((pad, h - pad + 8), f"step {steps[0]}", fill="black")
-    draw.text((w - pad - 60, h - pad + 8), f"step {steps[-1]}", fill="black")
-    img.save(png_path)
 
 
 def push_to_hub(a: TrainArgs, results: dict) -> None:

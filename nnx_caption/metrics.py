@@ -74,6 +74,12 @@ class CaptionScores(dict[str, float]):
         return f"CaptionScores({dict.__repr__(self)}, tokenizer={self.tokenizer!r})"
 
 
+def matches_a_reference(prediction: str, references: list[str]) -> bool:
+    """The exact match `train` reports (as a percentage): the caption is one of its
+    references, case aside."""
+    return prediction.lower() in {r.lower() for r in references}
+
+
 def metric_path() -> str:
     """The folder of the ``evaluate`` metric module: ``evaluate.load(metric_path())``."""
     return os.path.join(os.path.dirname(os.path.abspath(__file__)), "caption_metric")

@@ -9,10 +9,7 @@ gallery.html in the output folder.
 
 from __future__ import annotations
 
-import base64
 import glob
-import html
-import io
 import json
 import os
 import sys
@@ -23,43 +20,49 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
 
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
 import nnx_caption as nc
+from nnx_caption import gallery
 from nnx_caption.data import TABLE_SUFFIXES, read_table
 from nnx_caption.files import replacing
 from nnx_caption.flags import UsageError
 from nnx_caption.generate import search_settings
 from nnx_caption.hf import resolve
 from nnx_caption.processing import _to_rgb
+from nnx_caption.progress import first_call
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-THUMBNAIL_SIZE = 224
 
 
 # Inputs ---------------------------------------------------------------------------------------
 
+Input = tuple[str, str | None]  # (image path, a reference caption or None)
 
-def _read_table(path: str, column: str) -> list[str]:
-    """Image paths from a csv / jsonl / json file, relative ones taken from the file's folder."""
+
+def _read_table(path: str, column: str, caption_column: str | None) -> list[Input]:
+    """(image path, caption) rows of a csv / jsonl / json file, relative image paths taken from
+    the file's folder; the caption is None without `caption_column` or when a row has none."""
     columns, rows = read_table(path)
-    if column not in columns:
-        raise UsageError(
-            f"{path}: no column {column!r} (columns: {', '.join(columns)}); "
-            "choose one with --image_column"
-        )
-    paths = []
+    for flag, name in (("image_column", column), ("caption_column", caption_column)):
+        if name is not None and name not in columns:
+            raise UsageError(
+                f"{path}: no column {name!r} (columns: {', '.join(columns)}); "
+                f"choose one with --{flag}"
+            )
+    found = []
     for number, row in rows:
         value = row.get(column)
         if not isinstance(value, str) or not value:
             raise UsageError(f"{path}:{number}: no image path in column {column!r}")
-        paths.append(os.path.join(os.path.dirname(path), value))
-    return paths
+        caption = row.get(caption_column) if caption_column else None
+        caption = caption.strip() if isinstance(caption, str) and caption.strip() else None
+        found.append((os.path.join(os.path.dirname(path), value), caption))
+    return found
 
 
-def _expand(arg: str, column: str) -> list[str]:
-    """One INPUT argument -> image paths, in a stable order."""
+def _expand(arg: str, column: str, caption_column: str | None) -> list[Input]:
+    """One INPUT argument -> (image path, caption) pairs, in a stable order."""
     if os.path.isdir(arg):
         found = []
         for root, dirs, files in os.walk(arg):
@@ -67,23 +70,35 @@ def _expand(arg: str, column: str) -> list[str]:
             found += [os.path.join(root, f) for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
         if not found:
             raise UsageError(f"{arg}: no images in this folder ({' '.join(IMAGE_EXTENSIONS)})")
-        return sorted(found)
-    if os.path.isfile(arg):
-        return _read_table(arg, column) if arg.lower().endswith(TABLE_SUFFIXES) else [arg]
-    if os.path.lexists(arg):  # e.g. a broken link: let the reader report it as a skipped image
-        return [arg]
+        return [(path, None) for path in sorted(found)]
+    if os.path.isfile(arg) and arg.lower().endswith(TABLE_SUFFIXES):
+        return _read_table(arg, column, caption_column)
+    if os.path.lexists(arg):  # a file, or e.g. a broken link: the reader reports it as skipped
+        return [(arg, None)]
     matches = sorted(glob.glob(arg, recursive=True))
     if not matches:
         raise UsageError(f"{arg}: no such file or folder, and no file matches it as a glob")
-    return [path for match in matches for path in _expand(match, column)]
+    return [found for match in matches for found in _expand(match, column, caption_column)]
 
 
-def collect_inputs(inputs: list[str], column: str = "image", limit: int | None = None) -> list[str]:
-    """Image paths from INPUT arguments (files, folders, globs, tables), in argument order."""
+def collect_inputs(
+    inputs: list[str],
+    column: str = "image",
+    limit: int | None = None,
+    caption_column: str | None = None,
+) -> tuple[list[str], dict[str, list[str]]]:
+    """(image paths, references) from INPUT arguments (files, folders, globs, tables), in
+    argument order. With `caption_column`, a table's rows of one image are its references and
+    the image is captioned once; references maps each image that has some to them."""
     if not inputs:
         raise UsageError("no INPUT given")
-    paths = [path for arg in inputs for path in _expand(os.fspath(arg), column)]
-    return paths[:limit] if limit is not None else paths
+    found = [pair for arg in inputs for pair in _expand(os.fspath(arg), column, caption_column)]
+    references: dict[str, list[str]] = {}
+    for path, caption in found:
+        if caption is not None:
+            references.setdefault(path, []).append(caption)
+    paths = list(dict.fromkeys(p for p, _ in found)) if caption_column else [p for p, _ in found]
+    return (paths[:limit] if limit is not None else paths), references
 
 
 # Decoding -------------------------------------------------------------------------------------
@@ -96,21 +111,13 @@ class _Loaded(NamedTuple):
     error: str | None
 
 
-def _thumbnail(rgb: np.ndarray) -> str:
-    image = Image.fromarray(rgb)
-    image.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE))
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=85)
-    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
 def _load(path: str, processor: nc.ImageProcessor, thumbnail: bool) -> _Loaded:
     try:
         if os.path.isfile(path) and os.path.getsize(path) == 0:
             return _Loaded(path, None, None, "empty file (0 bytes)")
         rgb = _to_rgb(path)
         return _Loaded(
-            path, processor.preprocess_one(rgb), _thumbnail(rgb) if thumbnail else None, None
+            path, processor.preprocess_one(rgb), gallery.thumbnail(rgb) if thumbnail else None, None
         )
     except Exception as err:  # PIL raises many error types on bad files; all mean "skip it"
         cause = err.__cause__ or err  # processing wraps PIL's error: name the original one
@@ -144,36 +151,6 @@ def _jsonl(records: list[dict]) -> str:
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
 
 
-def _gallery(title: str, settings: dict, records: list[dict], thumbnails: dict[str, str]) -> str:
-    esc = html.escape
-    shown = [r for r in records if r["image"] in thumbnails]
-    cards = "\n".join(
-        f'<figure><img src="{thumbnails[r["image"]]}" alt="{esc(r["caption"])}">'
-        f"<figcaption><b>{esc(r['caption'])}</b><br>score {r['score']:.4f}"
-        f"<br><small>{esc(r['image'])}</small></figcaption></figure>"
-        for r in shown
-    )
-    setting_text = ", ".join(f"{k}={v}" for k, v in settings.items())
-    note = f"{len(records)} images" + (
-        f", showing the first {len(shown)}" if len(shown) < len(records) else ""
-    )
-    return f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>{esc(title)}</title>
-<style>
-body {{ font-family: sans-serif; margin: 1.5em; }}
-main {{ display: grid; grid-template-columns: repeat(auto-fill, minmax(240px, 1fr)); gap: 1em; }}
-figure {{ margin: 0; padding: 8px; border: 1px solid #ddd; border-radius: 6px; }}
-img {{ display: block; margin: auto; max-width: 224px; max-height: 224px; }}
-figcaption {{ margin-top: 6px; overflow-wrap: anywhere; }}
-</style></head><body>
-<h1>{esc(title)}</h1>
-<p>{esc(setting_text)}</p><p>{esc(note)}</p>
-<main>
-{cards}
-</main></body></html>
-"""
-
-
 # The job --------------------------------------------------------------------------------------
 
 
@@ -187,6 +164,8 @@ def predict(
     max_length: int | None = None,
     max_new_tokens: int | None = None,
     image_column: str = "image",
+    caption_column: str | None = None,
+    attention_maps: bool = False,
     dtype: str = "float32",
     revision: str | None = None,
     cache_dir: str | None = None,
@@ -200,8 +179,11 @@ def predict(
 
     Writes predictions.jsonl (image, caption, score; input order), skipped.jsonl (image, reason)
     and gallery.html (the first `gallery_size` images) to `output_dir`, and returns a summary.
-    Generation settings left None take the checkpoint's generation config. `model_class` is
-    the edited architecture the checkpoint holds (a class, or a --model_class spec).
+    Generation settings left None take the checkpoint's generation config; with num_beams > 1
+    every beam is kept, as `candidates`. With `caption_column`, a table's captions are the
+    references its images are scored against (exact match, CIDEr). `attention_maps` puts each
+    caption's cross-attention over its image into the gallery. `model_class` is the edited
+    architecture the checkpoint holds (a class, or a --model_class spec).
     """
     import jax.numpy as jnp  # deferred, as everywhere in the CLI: argument errors stay fast
 
@@ -212,7 +194,7 @@ def predict(
     dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
     if dtype not in dtypes:
         raise UsageError(f"--dtype must be one of {', '.join(dtypes)}, got {dtype!r}")
-    paths = collect_inputs(inputs, image_column, limit)
+    paths, references = collect_inputs(inputs, image_column, limit, caption_column)
     os.makedirs(output_dir, exist_ok=True)
     files = {
         "predictions_file": os.path.join(output_dir, "predictions.jsonl"),
@@ -236,6 +218,9 @@ def predict(
         search, _ = search_settings(model.config, **gen)
     except ValueError as err:
         raise UsageError(f"{model_dir}: {err}") from None
+    # Every beam comes back (the first is the caption, as with one), and the attention maps.
+    gen.update(num_return_sequences=search.num_beams, output_cross_attentions=attention_maps)
+    grid = _patch_grid(model.config) if attention_maps else None
     settings = dict(
         num_beams=search.num_beams, max_length=search.max_length, dtype=dtype, batch_size=batch_size
     )
@@ -245,36 +230,60 @@ def predict(
 
     records: list[dict] = []
     skipped: list[dict] = []
-    thumbnails: dict[str, str] = {}
+    cards: list[gallery.Card] = []
     pending: list[_Loaded] = []
+    k = search.num_beams
 
     def caption(items: list[_Loaded]) -> None:
         # Pad a short batch with copies of its last image: the compiled search sees one shape.
         pixels = np.stack([x.pixels for x in items] + [items[-1].pixels] * (batch - len(items)))
-        out = nc.generate(model, pixels, **gen)
-        texts = tokenizer.batch_decode(out.sequences[: len(items)], skip_special_tokens=True)
-        scores = out.scores[: len(items)].tolist()
-        for item, text, score in zip(items, texts, scores, strict=True):
-            records.append(dict(image=item.path, caption=text.strip(), score=score))
+        out = first_call("generation", nc.generate, model, pixels, **gen)
+        texts = tokenizer.batch_decode(out.sequences[: len(items) * k], skip_special_tokens=True)
+        for i, item in enumerate(items):
+            rows = range(i * k, (i + 1) * k)  # the image's beams, best first
+            beams = [(texts[r].strip(), float(out.scores[r])) for r in rows]
+            record = dict(image=item.path, caption=beams[0][0], score=beams[0][1])
+            if k > 1:
+                record["candidates"] = [dict(caption=c, score=s) for c, s in beams]
+            card = gallery.Card(item.path, item.thumbnail, beams[0][0], beams[0][1])
+            card.candidates = beams
+            if item.path in references:
+                card.references = record["references"] = references[item.path]
+                record["match"] = card.match
+            if grid is not None and item.thumbnail:
+                card.words, card.maps = _attention(out, i * k, grid, tokenizer)
+            records.append(record)
             if item.thumbnail:
-                thumbnails[item.path] = item.thumbnail
+                cards.append(card)
 
-    bar = tqdm(total=len(paths), unit="img", desc="captioning", disable=not progress)
-    with bar:
-        for item in _decode(paths, processor, workers, 2 * batch + workers, gallery_size):
-            if item.error is not None:
-                skipped.append(dict(image=item.path, reason=item.error))
-                tqdm.write(f"warning: skipped {item.path}: {item.error}", file=sys.stderr)
-                bar.update(1)
-                continue
-            pending.append(item)
-            if len(pending) == batch:
-                caption(pending)
-                bar.update(len(pending))
-                pending = []
-        if pending:
+    done, bar = 0, None  # the bar starts after the first batch, whose search compiles
+
+    def advance(n: int) -> None:
+        nonlocal done, bar
+        done += n
+        if bar is not None:
+            bar.update(n)
+        elif records:
+            bar = tqdm(
+                total=len(paths), initial=done, unit="img", desc="captioning", disable=not progress
+            )
+
+    for item in _decode(paths, processor, workers, 2 * batch + workers, gallery_size):
+        if item.error is not None:
+            skipped.append(dict(image=item.path, reason=item.error))
+            tqdm.write(f"warning: skipped {item.path}: {item.error}", file=sys.stderr)
+            advance(1)
+            continue
+        pending.append(item)
+        if len(pending) == batch:
             caption(pending)
-            bar.update(len(pending))
+            advance(len(pending))
+            pending = []
+    if pending:
+        caption(pending)
+        advance(len(pending))
+    if bar is not None:
+        bar.close()
     seconds = time.perf_counter() - start
 
     _write_atomic(files["skipped_file"], _jsonl(skipped))
@@ -283,13 +292,59 @@ def predict(
             f"none of the {len(paths)} images could be read (reasons in {files['skipped_file']})"
         )
     _write_atomic(files["predictions_file"], _jsonl(records))
+    scores = _scores(records)
     title = f"nnx-caption predictions: {model_dir}"
-    _write_atomic(files["gallery_file"], _gallery(title, settings, records, thumbnails))
+    summary = None
+    if scores:
+        summary = (
+            f"exact match {scores['exact_match']:.1f}%, CIDEr {scores['CIDEr']:.3f} on the "
+            f"{scores['scored']} images with references"
+        )
+    page = gallery.page(title, settings, cards, len(records), summary)
+    _write_atomic(files["gallery_file"], page)
     return dict(
         captioned=len(records),
         skipped=len(skipped),
         load_seconds=load_seconds,
         caption_seconds=seconds - load_seconds,
         images_per_second=len(paths) / max(seconds - load_seconds, 1e-9),
+        **scores,
         **files,
     )
+
+
+def _scores(records: list[dict]) -> dict[str, float]:
+    """Exact match (%) and CIDEr of the captions that have references; {} when none has."""
+    scored = [r for r in records if "references" in r]
+    if not scored:
+        return {}
+    from nnx_caption.metrics import caption_metrics
+
+    cider = caption_metrics([r["caption"] for r in scored], [r["references"] for r in scored])
+    exact = 100 * float(np.mean([r["match"] for r in scored]))
+    return dict(exact_match=exact, CIDEr=cider["CIDEr"], scored=len(scored))
+
+
+def _patch_grid(config: nc.CaptionConfig) -> tuple[int, int]:
+    side = config.encoder.image_size // config.encoder.patch_size
+    return side, side
+
+
+def _attention(out, row: int, grid: tuple[int, int], tokenizer) -> tuple[list[str], np.ndarray]:
+    """The words of the caption in `row` and their maps (words, 1 + layers, rows, columns)."""
+    ids = out.sequences[row, 1:].tolist()  # the generated tokens, the start token left out
+    eos = tokenizer.eos_token_id
+    n = ids.index(eos) if eos in ids else len(ids)  # EOS ends the caption: no word of its own
+    words, shown = [], 0
+    for j in range(n):  # each token's new text: a character split over tokens goes to its last
+        text = tokenizer.decode(ids[: j + 1])
+        partial = text.endswith("\ufffd") and j < n - 1
+        words.append("" if partial else text[shown:])
+        shown = shown if partial else len(text)
+    weights = out.cross_attentions[row, :n]  # (words, layers, heads, image tokens)
+    if weights.shape[-1] != 1 + grid[0] * grid[1]:
+        raise UsageError(
+            f"--attention_maps: the encoder makes {weights.shape[-1]} image tokens, not a CLS "
+            f"token and a {grid[0]}x{grid[1]} patch grid; this model's maps cannot be drawn"
+        )
+    return words, gallery.attention_grid(weights, grid)

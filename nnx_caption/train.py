@@ -8,10 +8,8 @@ The step is a pure function of (state, batch, step number): `state` is the nnx.S
 from __future__ import annotations
 
 import functools
-import json
 import os
 import re
-import shutil
 from dataclasses import asdict, dataclass
 
 import jax
@@ -24,8 +22,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from nnx_caption.flags import flag
 from nnx_caption.hf import path_str
 from nnx_caption.model import VisionEncoderDecoder
-from nnx_caption.safetensors_io import NonFiniteError, SafetensorsReader, write_safetensors
-from nnx_caption.sharding import batch_sharding, place, scalar, to_host
+from nnx_caption.safetensors_io import CheckpointError, NonFiniteError
+from nnx_caption.sharding import batch_sharding, scalar
 
 
 @dataclass(frozen=True)
@@ -219,6 +217,7 @@ class Trainer:
         optimizer = make_optimizer(model, cfg)
         self.graphdef, self.state = nnx.split((model, optimizer))
         self.step = 0
+        self._managers: dict = {}  # checkpoint folder -> its orbax CheckpointManager
         # The new state keeps the old one's shardings (the rules'), whatever XLA would prefer;
         # what the optimizer created off the mesh (its step count) is replicated on it.
         shardings = None
@@ -272,76 +271,94 @@ class Trainer:
         return scalar(total), scalar(count)
 
     # Checkpoints ------------------------------------------------------------------------------
+    # orbax-checkpoint: the (model, optimizer) state as sharded arrays, each process writing and
+    # reading only its own shards; a step folder appears complete or not at all. The data
+    # position and the dropout keys are functions of (seed, step), so the step is all a resume
+    # needs besides the state.
 
-    def save(self, directory: str, extra: dict | None = None) -> str:
-        """Writes step_<N>/ atomically: the folder appears complete or not at all. Every
-        process must call it (gathering a sharded array is collective); process 0 writes."""
-        final = os.path.join(directory, f"step_{self.step:08d}")
-        flat = {path_str(p): v for p, v in nnx.to_flat_state(self.state)}
-        if jax.process_count() > 1:  # gather each array once, in the same order everywhere
-            hosted = {name: to_host(v[...]) for name, v in sorted(flat.items())}
-            if jax.process_index() != 0:
-                return final
-            specs = [(n, a.shape, a.dtype, lambda a=a: a) for n, a in hosted.items()]
-        else:  # one tensor on the host at a time
-            specs = [
-                (n, v.shape, v.dtype, lambda v=v: to_host(v[...])) for n, v in sorted(flat.items())
-            ]
-        tmp = f"{final}.tmp{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        write_safetensors(os.path.join(tmp, "state.safetensors"), specs)
-        meta = {"step": self.step, "train_config": asdict(self.cfg), **(extra or {})}
-        with open(os.path.join(tmp, "meta.json"), "w", encoding="utf-8") as f:
-            json.dump(meta, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        if os.path.exists(final):  # a re-save of the same step replaces it
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        return final
+    def _manager(self, directory: str, keep: int | None = None):
+        import orbax.checkpoint as ocp
+
+        directory = os.path.abspath(directory)
+        if directory not in self._managers:
+            options = ocp.CheckpointManagerOptions(
+                max_to_keep=keep or None,
+                step_prefix=STEP_PREFIX,
+                step_format_fixed_length=8,
+                enable_async_checkpointing=True,
+                cleanup_tmp_directories=True,  # what a save killed midway left behind
+            )
+            self._managers[directory] = ocp.CheckpointManager(
+                directory, options=options, item_names=("state", "meta")
+            )
+        return self._managers[directory]
+
+    def save(
+        self, directory: str, extra: dict | None = None, keep: int | None = None, block=True
+    ) -> str:
+        """Writes step_<N>/ in `directory`, keeping the newest `keep` (all when None); returns
+        its path. Every process must call it. `block=False` returns once the arrays are copied
+        off the devices and writes in the background: call wait() before the process ends."""
+        import orbax.checkpoint as ocp
+
+        manager = self._manager(directory, keep)
+        if self.step not in manager.all_steps():  # a step is saved once
+            meta = {"step": self.step, "train_config": asdict(self.cfg), **(extra or {})}
+            items = dict(state=ocp.args.StandardSave(self.state), meta=ocp.args.JsonSave(meta))
+            manager.save(self.step, args=ocp.args.Composite(**items))
+        if block:
+            manager.wait_until_finished()
+        return os.path.join(directory, f"{STEP_PREFIX}_{self.step:08d}")
+
+    def wait(self) -> None:
+        """Waits for the checkpoints being written in the background."""
+        for manager in self._managers.values():
+            manager.wait_until_finished()
 
     def restore(self, checkpoint: str) -> dict:
-        """Loads a step_<N>/ folder into the current state (same shapes and shardings); each
-        process places only its own shards."""
-        flat = {path_str(p): v for p, v in nnx.to_flat_state(self.state)}
-        with SafetensorsReader(os.path.join(checkpoint, "state.safetensors")) as reader:
-            missing = set(flat) - set(reader.entries)
-            if missing:
-                raise ValueError(f"{checkpoint}: checkpoint lacks {sorted(missing)[:5]}")
-            for name, var in flat.items():
-                old = var[...]
-                try:
-                    value = reader.read(name).astype(old.dtype)
-                except NonFiniteError as err:
-                    raise NonFiniteError(
-                        f"{err}: the run had diverged when this checkpoint was saved. Move "
-                        f"{checkpoint} away to resume from the one before it"
-                    ) from None
-                var[...] = place(value, old.sharding)
-        with open(os.path.join(checkpoint, "meta.json"), encoding="utf-8") as f:
-            meta = json.load(f)
-        self.step = int(meta["step"])
-        return meta
+        """Loads a step_<N>/ folder into the current state, onto its shardings (a checkpoint
+        saved on another mesh or device count restores too); each process reads only its own
+        shards."""
+        import orbax.checkpoint as ocp
+
+        self.wait()
+        directory, name = os.path.split(os.path.abspath(checkpoint))
+        step = int(name.removeprefix(f"{STEP_PREFIX}_"))
+        target = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.state
+        )
+        items = dict(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore())
+        try:
+            out = self._manager(directory).restore(step, args=ocp.args.Composite(**items))
+        except (FileNotFoundError, ValueError, KeyError) as err:
+            raise CheckpointError(f"{checkpoint}: cannot restore it: {err}") from None
+        for path, var in nnx.to_flat_state(out["state"]):
+            value = var[...]
+            if jnp.issubdtype(value.dtype, jnp.floating) and not bool(jnp.isfinite(value).all()):
+                raise NonFiniteError(
+                    f"{checkpoint}: {path_str(path)!r} holds NaN or Inf: the run had diverged "
+                    f"when this checkpoint was saved. Move {checkpoint} away to resume from the "
+                    "one before it"
+                )
+        self.state = out["state"]
+        self.step = int(out["meta"]["step"])
+        return out["meta"]
+
+
+STEP_PREFIX = "step"  # checkpoints are step_00000008 and so on
 
 
 def checkpoints(directory: str) -> list[str]:
-    """Complete checkpoints in `directory`, oldest first (temporary folders are ignored)."""
+    """Complete checkpoints in `directory`, oldest first (a save in progress or killed midway
+    has a temporary name until orbax commits it)."""
     if not os.path.isdir(directory):
         return []
-    names = sorted(n for n in os.listdir(directory) if re.fullmatch(r"step_\d{8}", n))
+    names = sorted(n for n in os.listdir(directory) if re.fullmatch(rf"{STEP_PREFIX}_\d{{8}}", n))
     return [
         os.path.join(directory, n)
         for n in names
-        if os.path.exists(os.path.join(directory, n, "meta.json"))
+        if os.path.exists(os.path.join(directory, n, "_CHECKPOINT_METADATA"))
     ]
-
-
-def prune_checkpoints(directory: str, keep: int | None) -> None:
-    """Keeps the newest `keep` checkpoints (all when keep is None or 0)."""
-    if keep:
-        for old in checkpoints(directory)[:-keep]:
-            shutil.rmtree(old)
 
 
 class _mesh_context:

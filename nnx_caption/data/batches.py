@@ -93,6 +93,17 @@ class CaptionDataset:
         starts = np.flatnonzero(np.diff(self._rows[by_image])) + 1
         return np.split(by_image, starts)
 
+    def image_rows(self) -> tuple[np.ndarray, list[list[str]]]:
+        """(the example of each distinct image's first caption, each image's captions), in
+        the order the images first appear: what evaluation captions once per image and
+        scores against all of its references (the COCO protocol)."""
+        captions: dict[str, list[str]] = {}
+        first: dict[str, int] = {}
+        for i, example in enumerate(self.examples):
+            captions.setdefault(example.image, []).append(example.caption)
+            first.setdefault(example.image, i)
+        return np.asarray(list(first.values()), np.int64), list(captions.values())
+
     @property
     def images(self) -> int:
         """Distinct images (after skipping those that failed to decode)."""
@@ -201,14 +212,16 @@ def train_batches(
 
 
 def eval_batches(
-    ds: CaptionDataset, batch_size: int
+    ds: CaptionDataset, batch_size: int, rows: np.ndarray | None = None
 ) -> Iterator[tuple[dict[str, np.ndarray], int]]:
-    """(batch, n_real) over every example in order; the last batch is padded up to batch_size
-    with copies of its last example, so that every batch has the one compiled shape."""
+    """(batch, n_real) over the examples `rows` (default: every one) in order; the last batch
+    is padded up to batch_size with copies of its last example, so that every batch has the
+    one compiled shape."""
+    rows = np.arange(len(ds)) if rows is None else np.asarray(rows)
 
     def batches() -> Iterator[tuple[dict[str, np.ndarray], int]]:
-        for start in range(0, len(ds), batch_size):
-            indices = np.arange(start, min(start + batch_size, len(ds)))
+        for start in range(0, len(rows), batch_size):
+            indices = rows[start : start + batch_size]
             padded = np.concatenate([indices, np.full(batch_size - len(indices), indices[-1])])
             yield ds.batch(padded), len(indices)
 

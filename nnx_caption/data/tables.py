@@ -130,19 +130,68 @@ def _columns(rows: Rows) -> list[str]:
     return list(dict.fromkeys(key for _, record in rows for key in record))
 
 
+KARPATHY_SPLITS = {"train": ("train",), "validation": ("val",), "test": ("test",)}
+
+
+def _caption_file(path: str, split: str, restval: bool) -> Rows | None:
+    """Rows {"image", "caption"} of a COCO captions file ({images, annotations}: a row per
+    annotation) or of a Karpathy split file ({images: [{filepath, filename, split,
+    sentences}]}, every split in one file: a row per sentence of `split`'s images, restval
+    joining train when asked); None for any other JSON."""
+    try:
+        data = json.loads(_read_text(path))
+    except json.JSONDecodeError:
+        return None  # read_table says where it is malformed
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        return None
+    images = data["images"]
+    try:
+        if isinstance(data.get("annotations"), list):  # COCO
+            names = {image["id"]: image["file_name"] for image in images}
+            return [
+                (n, {"image": names.get(note.get("image_id")), "caption": note.get("caption")})
+                for n, note in enumerate(data["annotations"], start=1)
+            ]
+        if images and all(isinstance(image, dict) and "sentences" in image for image in images):
+            wanted = KARPATHY_SPLITS[split] + (("restval",) if restval and split == "train" else ())
+            return [
+                (
+                    n,
+                    {
+                        "image": os.path.join(image.get("filepath", ""), image["filename"]),
+                        "caption": sentence.get("raw"),
+                    },
+                )  # fmt: skip
+                for n, image in enumerate(images, start=1)
+                if image.get("split") in wanted
+                for sentence in image["sentences"]
+            ]
+    except (KeyError, TypeError, AttributeError) as err:
+        raise DataError(
+            f"{path}: a COCO captions or Karpathy split file with a malformed entry ({err!r}): "
+            "COCO images need id and file_name; Karpathy images filename, split and sentences"
+        ) from None
+    return None
+
+
 def load_split(
     path: str,
     image_column: str = "image",
     caption_column: str = "caption",
     data_dir: str | None = None,
     max_samples: int | None = None,
+    split: str = "train",
+    karpathy_restval: bool = False,
 ) -> Split:
     """Examples of one split; rows without an image file or a caption go to `skipped`.
 
     `path` is a .csv / .json / .jsonl file or an imagefolder (a folder with metadata.jsonl, whose
-    image column is `file_name` unless `image_column` exists). Image paths are relative to
-    `data_dir`, else to the table's folder. `max_samples` keeps the first N usable rows. A row is
-    named "file:N": N is the file line for csv and jsonl, the record number for json.
+    image column is `file_name` unless `image_column` exists); or a COCO captions file
+    (captions_train2017.json) or a Karpathy split file (dataset_coco.json), whose own keys give
+    the image and the captions (of `split`: train, validation or test, for a Karpathy file).
+    Image paths are relative to `data_dir`, else to the table's folder. `max_samples` keeps the
+    first N usable rows. A row is named "file:N": N is the file line for csv and jsonl, the
+    record number for json (COCO: the annotation's; Karpathy: the image's).
     """
     path = os.fspath(path)
     if max_samples is not None and max_samples < 1:
@@ -164,7 +213,14 @@ def load_split(
         table = path
     if os.path.splitext(table)[1].lower() not in TABLE_SUFFIXES:
         raise DataError(f"{path}: expected a .csv, .json or .jsonl file, or an imagefolder folder")
-    columns, rows = read_table(table)
+    captions = _caption_file(table, split, karpathy_restval) if table.endswith(".json") else None
+    if captions is not None:
+        if not captions:
+            raise DataError(f"{table}: no {split} captions in this COCO / Karpathy file")
+        rows, image_column, caption_column = captions, "image", "caption"  # the file's keys
+        columns = [image_column, caption_column]
+    else:
+        columns, rows = read_table(table)
     if table != path and image_column not in columns:
         image_column = IMAGEFOLDER_IMAGE_COLUMN  # imagefolder's convention
     for column in (image_column, caption_column):

@@ -212,3 +212,102 @@ def test_bad_generation_setting_exits_2_before_decoding(tiny_dir, tmp_path, caps
     args = [str(tmp_path / "ok.png"), "--output-dir", str(tmp_path / "out"), "--max-length", "999"]
     assert main(["predict", str(tiny_dir), *args]) == 2
     assert "max_length" in capsys.readouterr().err
+
+
+class _Cards(HTMLParser):
+    """gallery.html's cards (class, image, references, beams without their scores, words)
+    and its attention maps and summary line."""
+
+    def __init__(self):
+        super().__init__()
+        self.cards, self.maps, self.summary = [], None, ""
+        self.lists, self.open, self.inside = [], None, []  # (ul / ol), the item filled, tags
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        self.inside.append(tag)
+        if tag == "figure":
+            card = dict(id=attrs["id"].removeprefix("card"), cls=attrs["class"].split())
+            self.cards.append(dict(card, refs=[], beams=[], words=[]))
+        elif tag == "img" and self.cards:
+            self.cards[-1]["src"] = attrs["src"]
+        elif tag in ("ul", "ol"):
+            self.lists.append("refs" if tag == "ul" else "beams")
+        elif tag == "li" and self.lists:
+            self.open = self.cards[-1][self.lists[-1]]
+            self.open.append("")
+        elif tag == "span" and "word" in attrs.get("class", ""):
+            self.open = self.cards[-1]["words"]
+            self.open.append("")
+
+    def handle_endtag(self, tag):
+        self.inside.pop()
+        if tag in ("ul", "ol"):
+            self.lists.pop()
+        if tag in ("li", "span"):
+            self.open = None
+
+    def handle_data(self, data):
+        if self.inside[-1:] == ["script"] and self.maps is None and data.startswith("{"):
+            self.maps = json.loads(data)
+        elif self.inside[-1:] == ["b"] and not self.cards:
+            self.summary += data
+        elif self.open is not None and self.inside[-1] != "small":  # a beam's score is <small>
+            self.open[-1] += data
+
+
+def test_gallery_shows_references_matches_beams_and_attention(tiny_dir, tmp_path):
+    """A csv with reference captions (two rows of one image: two references): every image is
+    a card with its references and whether its caption matches one, wrong ones first, the
+    summary's exact match; every beam with its score; each word's attention map, the one
+    generate returns."""
+    good = _make_good(tmp_path / "imgs")
+    model = nc.from_pretrained(tiny_dir)
+    proc, tok = nc.ImageProcessor.from_pretrained(tiny_dir), nc.Tokenizer.from_pretrained(tiny_dir)
+    direct = nc.generate(
+        model, proc(good), num_beams=2, num_return_sequences=2, output_cross_attentions=True
+    )
+    texts = [t.strip() for t in tok.batch_decode(direct.sequences, skip_special_tokens=True)]
+    captions = texts[::2]
+    # Image 0 has its own caption among two references; the others only wrong ones.
+    rows = [(good[0], "not it"), (good[0], captions[0].upper())]
+    rows += [(path, f"wrong {i}") for i, path in enumerate(good[1:])]
+    with open(tmp_path / "refs.csv", "w", newline="") as f:
+        csv.writer(f).writerows([("image", "text"), *rows])
+    out = tmp_path / "out"
+    code = main(
+        ["predict", str(tiny_dir), str(tmp_path / "refs.csv"), "--output_dir", str(out)]
+        + ["--caption_column", "text", "--num_beams", "2", "--attention-maps"]
+    )
+    assert code == 0
+
+    records = _read_jsonl(out / "predictions.jsonl")
+    assert [r["image"] for r in records] == good  # one record per image, in table order
+    assert [r["match"] for r in records] == [True] + [False] * (len(good) - 1)
+    assert records[0]["references"] == ["not it", captions[0].upper()]
+    for i, r in enumerate(records):
+        assert [c["caption"] for c in r["candidates"]] == texts[2 * i : 2 * i + 2]
+        np.testing.assert_allclose(
+            [c["score"] for c in r["candidates"]], direct.scores[2 * i : 2 * i + 2], rtol=1e-5
+        )
+
+    page = _Cards()
+    page.feed((out / "gallery.html").read_text(encoding="utf-8"))
+    assert len(page.cards) == len(good)
+    assert "wrong" in page.cards[0]["cls"] and "right" in page.cards[-1]["cls"]  # wrong first
+    assert f"exact match {100 / len(good):.1f}%" in page.summary
+    by_refs = {tuple(c["refs"]): c for c in page.cards}
+    for i, r in enumerate(records):
+        card = by_refs[tuple(r["references"])]
+        assert ("right" if r["match"] else "wrong") in card["cls"]
+        assert [b.strip() for b in card["beams"]] == texts[2 * i : 2 * i + 2]
+        assert "".join(card["words"]).strip() == r["caption"]
+        # The card's maps: generate's weights of its best beam, CLS left out, averaged over
+        # heads and layers, scaled to their maximum, in bytes.
+        rows_, cols, views, data = page.maps[card["id"]]
+        maps = np.frombuffer(base64.b64decode(data), np.uint8).reshape(-1, views, rows_ * cols)
+        n = len(card["words"])
+        weights = direct.cross_attentions[2 * i, :n, ..., 1:].mean(axis=(1, 2))  # (n, patches)
+        want = weights / weights.max(axis=-1, keepdims=True)
+        np.testing.assert_allclose(maps[:, 0] / 255, want, atol=1 / 255)
+        assert views == 1 + model.config.decoder.n_layer

@@ -313,3 +313,32 @@ def test_hub_repo_from_the_cache(monkeypatch, saved, tmp_path):
     (repo / "refs" / "main").write_text(commit)
     model = nc.from_pretrained("someorg/tiny", cache_dir=str(tmp_path))
     np.testing.assert_array_equal(model(*_inputs()), nc.from_pretrained(saved)(*_inputs()))
+
+
+def test_training_checkpoints_restore_exactly_and_refuse_a_diverged_one(saved, tmp_path):
+    """The trainer's orbax checkpoint (model and optimizer state, step) restores into a fresh
+    trainer exactly; one saved after the run diverged (a NaN in the optimizer state) is refused,
+    naming the array and saying what to do."""
+    from nnx_caption.safetensors_io import NonFiniteError
+    from nnx_caption.train import TrainConfig, Trainer, checkpoints
+
+    trainer = Trainer(nc.from_pretrained(saved), TrainConfig(total_steps=2))
+    trainer.step = 3
+    first = trainer.save(str(tmp_path / "checkpoints"))
+    assert checkpoints(str(tmp_path / "checkpoints")) == [first]
+    fresh = Trainer(nc.from_pretrained(saved), TrainConfig(total_steps=2))
+    assert fresh.restore(first)["step"] == 3 and fresh.step == 3
+    for (_, a), (_, b) in zip(
+        nnx.to_flat_state(fresh.state), nnx.to_flat_state(trainer.state), strict=True
+    ):
+        np.testing.assert_array_equal(np.asarray(a[...]), np.asarray(b[...]))
+
+    flat = dict(nnx.to_flat_state(trainer.state))
+    path = next(p for p in flat if "wpe" in map(str, p) and "mu" in map(str, p))
+    flat[path][...] = flat[path][...].at[0, 0].set(jnp.nan)
+    trainer.step = 4
+    diverged = trainer.save(str(tmp_path / "checkpoints"))
+    with pytest.raises(NonFiniteError) as err:
+        fresh.restore(diverged)
+    name = ".".join(map(str, path))
+    assert repr(name) in str(err.value) and f"Move {diverged} away" in str(err.value)

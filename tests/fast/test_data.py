@@ -399,3 +399,72 @@ def test_uncached_images_decode_per_batch_and_mask_late_failures(tmp_path):
     last = lazy.batch(np.array([5, 0]))
     assert last["decoder_attention_mask"][0].sum() == 0 and last["decoder_attention_mask"][1].sum()
     assert lazy.late_failures and lazy.late_failures[0][0].endswith("img5.png")
+
+
+def _coco(tmp_path: Path, images: int = 3, per_image: int = 5) -> tuple[Path, Path, list]:
+    """A COCO captions file in its real layout (captions_val2017.json): its images in a
+    folder of their own, five captions each, annotations interleaved as COCO's are."""
+    image_dir = tmp_path / "val2017"
+    image_dir.mkdir()
+    entries, notes, want = [], [], []
+    for i in range(images):
+        name = f"{139 + i:012d}.jpg"
+        Image.fromarray(_noise((48, 64, 3), i)).save(image_dir / name)
+        entries.append({"license": 1, "file_name": name, "height": 48, "width": 64, "id": 139 + i})
+    for k in range(per_image):
+        for i in range(images):
+            caption = f"image {i} caption {k}"
+            notes.append({"image_id": 139 + i, "id": 1000 + len(notes), "caption": caption})
+            want.append(Example(str(image_dir / f"{139 + i:012d}.jpg"), caption))
+    path = tmp_path / "captions_val2017.json"
+    coco = {"info": {"year": 2017}, "licenses": [], "images": entries, "annotations": notes}
+    path.write_text(json.dumps(coco))
+    return path, image_dir, want
+
+
+def test_coco_captions_file(tmp_path, tokenizer, processor):
+    path, image_dir, want = _coco(tmp_path)
+    split = load_split(str(path), data_dir=str(image_dir))
+    assert split.examples == want and not split.skipped
+    # Evaluation captions each image once, against all five of its references.
+    ds = CaptionDataset(split, processor, tokenizer, 8, START, PAD, workers=1)
+    rows, references = ds.image_rows()
+    assert [ds.examples[r].image for r in rows] == [e.image for e in want[:3]]
+    assert references == [[f"image {i} caption {k}" for k in range(5)] for i in range(3)]
+    bad = json.loads(path.read_text())
+    del bad["images"][0]["file_name"]
+    path.write_text(json.dumps(bad))
+    with pytest.raises(DataError, match="captions_val2017.json.*file_name"):
+        load_split(str(path), data_dir=str(image_dir))
+
+
+def test_karpathy_split_file(tmp_path):
+    """dataset_coco.json in its real layout: one file, every split; each role reads its own."""
+    names = _images(tmp_path / "val2014", 5)
+    splits = ["train", "restval", "val", "test", "train"]
+    images = [
+        {
+            "filepath": "val2014",
+            "filename": name,
+            "imgid": i,
+            "split": s,
+            "cocoid": 42 + i,
+            "sentences": [
+                {"tokens": ["a", "b"], "raw": f"{s} {i} {k}.", "imgid": i, "sentid": k}
+                for k in range(2)
+            ],
+        }  # fmt: skip
+        for i, (name, s) in enumerate(zip(names, splits, strict=True))
+    ]
+    path = tmp_path / "dataset_coco.json"
+    path.write_text(json.dumps({"images": images, "dataset": "coco"}))
+
+    def captions(**kw) -> list[str]:
+        return [e.caption for e in load_split(str(path), data_dir=str(tmp_path), **kw).examples]
+
+    assert captions() == ["train 0 0.", "train 0 1.", "train 4 0.", "train 4 1."]
+    assert captions(karpathy_restval=True)[2:4] == ["restval 1 0.", "restval 1 1."]
+    assert captions(split="validation") == ["val 2 0.", "val 2 1."]
+    assert captions(split="test") == ["test 3 0.", "test 3 1."]
+    example = load_split(str(path), data_dir=str(tmp_path), split="test").examples[0]
+    assert example.image == str(tmp_path / "val2014" / names[3])

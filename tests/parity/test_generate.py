@@ -231,3 +231,78 @@ def test_bad_arguments_are_refused(pair):
     ):
         with pytest.raises(ValueError, match=needle):
             nc.generate(model, px, **kw)
+
+
+def _lengths(sequences: np.ndarray, eos: int) -> np.ndarray:
+    """Generated tokens of each row, its EOS included (the rest is padding)."""
+    generated = sequences[:, 1:]
+    hit = generated == eos
+    return np.where(hit.any(axis=1), hit.argmax(axis=1) + 1, generated.shape[1])
+
+
+def test_greedy_cross_attentions_are_transformers(pair):
+    """out.cross_attentions: each generated token's cross-attention weights, every layer and
+    head, equal to transformers' generate(output_attentions=True); zeros after a row ends."""
+    ref, model, pixels = pair
+    max_length = 12
+    with torch.no_grad():
+        want = ref.generate(
+            pixel_values=torch.from_numpy(pixels).permute(0, 3, 1, 2),
+            max_length=max_length,
+            num_beams=1,
+            do_sample=False,
+            output_attentions=True,
+            return_dict_in_generate=True,
+        )
+    got = nc.generate(
+        model, jnp.asarray(pixels), max_length=max_length, num_beams=1, output_cross_attentions=True
+    )
+    np.testing.assert_array_equal(got.sequences, want.sequences.numpy())
+    cfg = model.config
+    image_tokens = cfg.encoder.grid_size**2 + 1
+    rows, layers, heads = len(pixels), cfg.decoder.n_layer, cfg.decoder.n_head
+    assert got.cross_attentions.shape == (rows, max_length - 1, layers, heads, image_tokens)
+    assert got.cross_attentions.dtype == np.float32
+    # transformers: per step, per layer (rows, heads, 1, image tokens).
+    steps = np.stack(
+        [np.stack([w[:, :, -1].numpy() for w in step]) for step in want.cross_attentions]
+    )
+    steps = steps.transpose(2, 0, 1, 3, 4)  # (rows, steps, layers, heads, image tokens)
+    lengths = _lengths(got.sequences, cfg.eos_token_id)
+    for row, n in enumerate(lengths):
+        np.testing.assert_allclose(got.cross_attentions[row, :n], steps[row, :n], atol=1e-5)
+        assert not got.cross_attentions[row, n:].any()
+    np.testing.assert_allclose(got.cross_attentions[:, :1].sum(-1), 1.0, rtol=1e-5)
+
+
+def test_beam_cross_attentions_follow_the_returned_beams(pair):
+    """For beam search: the weights of the returned sequences, equal to transformers' forward
+    pass of those sequences (each beam's own ancestry, not the beam slot's)."""
+    ref, model, pixels = pair
+    max_length, beams = 12, 4
+    got = nc.generate(
+        model,
+        jnp.asarray(pixels),
+        max_length=max_length,
+        num_beams=beams,
+        num_return_sequences=2,
+        output_cross_attentions=True,
+    )
+    want_seq, _ = reference(
+        ref, pixels, max_length=max_length, num_beams=beams, num_return_sequences=2
+    )
+    np.testing.assert_array_equal(got.sequences, want_seq)
+    t = got.sequences.shape[1]
+    with torch.no_grad():
+        forward = ref(
+            pixel_values=torch.from_numpy(np.repeat(pixels, 2, axis=0)).permute(0, 3, 1, 2),
+            decoder_input_ids=torch.from_numpy(got.sequences[:, :-1].astype(np.int64)),
+            output_attentions=True,
+        )
+    want = np.stack([w.numpy() for w in forward.cross_attentions], axis=1)  # (N, L, H, T-1, S)
+    want = want.transpose(0, 3, 1, 2, 4)  # (N, T - 1, L, H, S)
+    lengths = _lengths(got.sequences, model.config.eos_token_id)
+    for row, n in enumerate(lengths):
+        assert n <= t - 1
+        np.testing.assert_allclose(got.cross_attentions[row, :n], want[row, :n], atol=1e-5)
+        assert not got.cross_attentions[row, n:].any()

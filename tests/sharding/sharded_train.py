@@ -25,7 +25,7 @@ from nnx_caption.train import TrainConfig, Trainer  # noqa: E402
 
 def run(
     directory: str, mesh, cfg: TrainConfig, data, execution: Execution | None = None
-) -> tuple[list[float], dict]:
+) -> tuple[list[float], dict, dict, Trainer]:
     model = nc.from_pretrained(directory, mesh=mesh, execution=execution)
     trainer = Trainer(model, cfg, mesh)
     losses = [float(trainer.train_step(b)["loss"]) for b in data]
@@ -37,7 +37,28 @@ def run(
         ".".join(map(str, p)): str(tuple(getattr(v[...].sharding, "spec", ())))
         for p, v in nnx.to_flat_state(nnx.state(trainer.model, nnx.Param))
     }
-    return losses, params, specs
+    return losses, params, specs, trainer
+
+
+def _host_state(trainer: Trainer) -> dict[str, np.ndarray]:
+    return {
+        ".".join(map(str, p)): np.asarray(jax.device_get(v[...]))
+        for p, v in nnx.to_flat_state(trainer.state)
+    }
+
+
+def restored_elsewhere(trainer: Trainer, directory: str, cfg: TrainConfig) -> dict:
+    """The (model, optimizer) checkpoint of a sharded run restored on one device and on
+    another mesh: (largest difference from the saved state, restored step) for each."""
+    saved = trainer.save(tempfile.mkdtemp())
+    want = _host_state(trainer)
+    out = {"saved step": trainer.step}
+    for name, mesh in (("one device", None), ("1,4,2", make_mesh(1, 4, 2))):
+        fresh = Trainer(nc.from_pretrained(directory, mesh=mesh), cfg, mesh)
+        fresh.restore(saved)
+        got = _host_state(fresh)
+        out[name] = [max(float(np.abs(got[k] - want[k]).max()) for k in want), fresh.step]
+    return out
 
 
 def main(meshes: list[str]) -> None:
@@ -55,7 +76,7 @@ def main(meshes: list[str]) -> None:
         seed=1,
     )
     data = random_train_batches(config.decoder.vocab_size)
-    single_losses, single, _ = run(directory, None, cfg, data)
+    single_losses, single, _, _ = run(directory, None, cfg, data)
     results = {}
     for name in meshes:
         parts = name.split(",")
@@ -63,7 +84,9 @@ def main(meshes: list[str]) -> None:
         mesh = make_mesh(*map(int, parts[:3]))
         # The sharded run may also scan over layers with remat: still the unrolled run's numbers.
         execution = Execution(scan=scan, remat=scan)
-        losses, sharded, specs = run(directory, mesh, cfg, data, execution)
+        losses, sharded, specs, trainer = run(directory, mesh, cfg, data, execution)
+        if name == "2,4,1":  # an FSDP-sharded state's checkpoint, restored elsewhere
+            results["restored"] = restored_elsewhere(trainer, directory, cfg)
         results[name] = {
             "loss_diff": max(abs(a - b) for a, b in zip(losses, single_losses, strict=True)),
             "param_diff": max(float(np.abs(sharded[k] - single[k]).max()) for k in single),

@@ -32,3 +32,10 @@ def test_sharded_train_steps_equal_single_device(results, mesh):
     # Optimizer-updated parameters keep the rules' sharding.
     assert result["specs"]["decoder.blocks.0.mlp.fc.kernel"] == "('fsdp', 'tensor')"
     assert result["specs"]["decoder.wte"] == "('tensor', 'fsdp')"
+
+
+def test_a_sharded_checkpoint_restores_on_one_device_and_on_another_mesh(results):
+    """Saved by orbax from an FSDP mesh (2,4,1) after its steps; restored exactly, step too."""
+    restored = results["restored"]
+    step = restored.pop("saved step")
+    assert step > 0 and restored == {"one device": [0.0, step], "1,4,2": [0.0, step]}
