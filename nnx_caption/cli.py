@@ -145,7 +145,9 @@ def _predict(args: argparse.Namespace) -> None:
     options = {k: v for k, v in vars(args).items() if k not in ("command", "model", "inputs")}
     summary = predict(args.model, args.inputs, **options)  # its flags are named as its options
     if "CIDEr" in summary:
-        print(f"exact match {summary['exact_match']:.1f}%, CIDEr {summary['CIDEr']:.3f}")
+        from nnx_caption.gallery import summary as score_line
+
+        print(score_line(summary["exact_match"], summary["CIDEr"]))
     print(
         f"captioned {summary['captioned']} images, skipped {summary['skipped']} "
         f"({summary['caption_seconds']:.1f}s, {summary['images_per_second']:.1f} images/s); "

@@ -44,6 +44,11 @@ class Card:
         return matches_a_reference(self.caption, self.references)
 
 
+def summary(exact_match: float, cider: float) -> str:
+    """The line at the top of a gallery of captions with references."""
+    return f"exact match {exact_match:.1f}%, CIDEr {cider:.3f}"
+
+
 def thumbnail(rgb: np.ndarray) -> str:
     """(H, W, 3) uint8 -> a JPEG data: URI, at most THUMBNAIL_SIZE on a side."""
     image = Image.fromarray(rgb)

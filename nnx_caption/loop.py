@@ -484,7 +484,7 @@ def _caption_images(trainer, ds, batch_size, max_length, a: TrainArgs, tok, pref
     """Captions each distinct image once; scores them against their references; writes
     generated_{prefix}.json (image, prediction, references) and gallery_{prefix}.html."""
     from nnx_caption.generate import generate
-    from nnx_caption.metrics import caption_metrics, matches_a_reference
+    from nnx_caption.metrics import caption_metrics, exact_match
 
     rows, references = ds.image_rows()
     predictions: list[str] = []
@@ -500,14 +500,13 @@ def _caption_images(trainer, ds, batch_size, max_length, a: TrainArgs, tok, pref
     references = references[: len(predictions)]
     scores = caption_metrics(predictions, references)
     results = {f"{prefix}_{k}": v for k, v in scores.items()}
-    exact = [matches_a_reference(p, refs) for p, refs in zip(predictions, references, strict=True)]
-    results[f"{prefix}_exact_match"] = float(np.mean(exact)) * 100
+    results[f"{prefix}_exact_match"] = exact_match(predictions, references)
     with replacing(os.path.join(a.output_dir, f"generated_{prefix}.json"), encoding="utf-8") as f:
         entries = zip(images, predictions, references, strict=True)
         json.dump([dict(image=i, prediction=p, references=r) for i, p, r in entries], f, indent=1)
     cards = _cards(images, predictions, references)
     settings = dict(num_beams=a.num_beams, max_length=max_length, step=trainer.step)
-    summary = f"exact match {results[f'{prefix}_exact_match']:.1f}%, CIDEr {scores['CIDEr']:.3f}"
+    summary = gallery.summary(results[f"{prefix}_exact_match"], scores["CIDEr"])
     page = gallery.page(f"{prefix} at step {trainer.step}", settings, cards, len(images), summary)
     with replacing(os.path.join(a.output_dir, f"gallery_{prefix}.html"), encoding="utf-8") as f:
         f.write(page)

@@ -80,6 +80,12 @@ def matches_a_reference(prediction: str, references: list[str]) -> bool:
     return prediction.lower() in {r.lower() for r in references}
 
 
+def exact_match(predictions: list[str], references: list[list[str]]) -> float:
+    """The percentage of predictions that match one of their references."""
+    pairs = zip(predictions, references, strict=True)
+    return 100 * float(np.mean([matches_a_reference(p, refs) for p, refs in pairs]))
+
+
 def metric_path() -> str:
     """The folder of the ``evaluate`` metric module: ``evaluate.load(metric_path())``."""
     return os.path.join(os.path.dirname(os.path.abspath(__file__)), "caption_metric")

@@ -296,10 +296,8 @@ def predict(
     title = f"nnx-caption predictions: {model_dir}"
     summary = None
     if scores:
-        summary = (
-            f"exact match {scores['exact_match']:.1f}%, CIDEr {scores['CIDEr']:.3f} on the "
-            f"{scores['scored']} images with references"
-        )
+        summary = gallery.summary(scores["exact_match"], scores["CIDEr"])
+        summary += f" on the {scores['scored']} images with references"
     page = gallery.page(title, settings, cards, len(records), summary)
     _write_atomic(files["gallery_file"], page)
     return dict(
@@ -318,16 +316,15 @@ def _scores(records: list[dict]) -> dict[str, float]:
     scored = [r for r in records if "references" in r]
     if not scored:
         return {}
-    from nnx_caption.metrics import caption_metrics
+    from nnx_caption.metrics import caption_metrics, exact_match
 
-    cider = caption_metrics([r["caption"] for r in scored], [r["references"] for r in scored])
-    exact = 100 * float(np.mean([r["match"] for r in scored]))
-    return dict(exact_match=exact, CIDEr=cider["CIDEr"], scored=len(scored))
+    captions, references = [r["caption"] for r in scored], [r["references"] for r in scored]
+    cider = caption_metrics(captions, references)["CIDEr"]
+    return dict(exact_match=exact_match(captions, references), CIDEr=cider, scored=len(scored))
 
 
 def _patch_grid(config: nc.CaptionConfig) -> tuple[int, int]:
-    side = config.encoder.image_size // config.encoder.patch_size
-    return side, side
+    return config.encoder.grid_size, config.encoder.grid_size
 
 
 def _attention(out, row: int, grid: tuple[int, int], tokenizer) -> tuple[list[str], np.ndarray]:
