@@ -26,8 +26,11 @@ format: setup
 	$(VENV)/bin/ruff check --fix .
 
 # Every tier: fast (no torch), parity (vs transformers), sharding (8 simulated devices), e2e.
+# Two pytest processes (pytest-xdist), a test file each at a time: the suite's time is XLA
+# compiling tiny models, one core per compile. TEST_WORKERS=1 runs it in one process.
+TEST_WORKERS ?= 2
 test: lint
-	$(VENV)/bin/pytest tests -q
+	$(VENV)/bin/pytest tests -q -n $(TEST_WORKERS) --dist loadfile
 
 test-fast test-parity test-sharding test-e2e: setup
 	$(VENV)/bin/pytest tests/$(subst test-,,$@) -q

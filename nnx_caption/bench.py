@@ -214,6 +214,7 @@ def bench_train(model, a: BenchArgs, mesh, batch: dict | None = None) -> dict:
     """Times Trainer.train_step on `batch` (default: a random one as `a` shapes it), placed
     on the devices once so that the step is timed, not the copy."""
     from nnx_caption import flops
+    from nnx_caption.data import process_rows
     from nnx_caption.train import TrainConfig, Trainer
 
     cfg = TrainConfig(total_steps=10**6, new_params=a.new_params, seed=a.seed)
@@ -225,7 +226,8 @@ def bench_train(model, a: BenchArgs, mesh, batch: dict | None = None) -> dict:
     counted = flops.xla_train_step(model, cfg, batch)
     analytic = flops.train_step(model.config, rows, length, images)
     trainer = Trainer(model, cfg, mesh)
-    placed = trainer.put(batch)
+    process = (jax.process_index(), jax.process_count())  # each process puts its own rows
+    placed = trainer.put({k: v[process_rows(len(v), process)] for k, v in batch.items()})
 
     def step() -> float:
         return float(jax.block_until_ready(trainer.train_step(placed)["loss"]))

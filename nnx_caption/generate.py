@@ -161,17 +161,23 @@ def generate(
     Beam search returns transformers' `sequences_scores`; greedy and sampling return the same
     quantity for their one hypothesis (summed log-probabilities / length ** length_penalty).
     `seed` seeds sampling. With a `mesh`, images are split over its batch axes
-    (sharding.batch_sharding).
+    (sharding.batch_sharding): a host array is the whole batch, each process putting its
+    shards; a jax.Array already split that way is taken as it is (e.g. one that Trainer.put
+    assembled from each process's rows).
     """
     search, knobs = search_settings(model.config, **arguments)
     graphdef, state = nnx.split(model)
-    pixels = jnp.asarray(pixel_values)
+    pixels = pixel_values
     key = jax.random.key(seed)
     if mesh is None:
+        pixels = jnp.asarray(pixels)
         tokens, scores, length, weights = _search(graphdef, state, pixels, key, knobs, search)
     else:
         with jax.set_mesh(mesh):
-            pixels = place(np.asarray(pixels), batch_sharding(mesh))  # also across hosts
+            split = batch_sharding(mesh)
+            placed = isinstance(pixels, jax.Array) and pixels.sharding.is_equivalent_to(split, 4)
+            if not placed:  # (a placed one: Trainer.put's, assembled from each process's rows)
+                pixels = place(np.asarray(pixels), split)  # also across hosts
             tokens, scores, length, weights = _search(graphdef, state, pixels, key, knobs, search)
     tokens, scores = to_host(tokens), to_host(scores)  # gathered from every process
     weights = None if weights is None else to_host(weights)

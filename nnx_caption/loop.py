@@ -15,7 +15,6 @@ import time
 from dataclasses import dataclass, fields
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from nnx_caption import data as data_lib
@@ -70,7 +69,9 @@ class TrainArgs(ModelArgs, TrainConfig):
     )
     dataset_config_name: str | None = flag(None, "HF datasets config name")
     image_dir: str | None = flag(
-        None, "folder the image paths of the data files are relative to (COCO: e.g. train2017)"
+        None,
+        "folder the image paths of the data files are relative to (COCO: its root, holding "
+        "train2017/ and val2017/, or the one folder of a file's images)",
     )
     karpathy_restval: bool = flag(
         False, "a Karpathy split file as --train_file: train on its restval images too"
@@ -115,7 +116,12 @@ class TrainArgs(ModelArgs, TrainConfig):
         "k > 1: batches of images with k captions each, each image encoded once per step; an "
         "epoch covers every image once (default 1: every caption once, as HF)",
     )
-    preprocessing_num_workers: int = flag(2, "processes decoding images")
+    captions_per_step: str = flag(
+        "all",
+        "all: an epoch is every caption once (HF); sample: every image once, with one of its "
+        "captions drawn at random each epoch (big_vision)",
+    )
+    preprocessing_num_workers: int = flag(2, "processes decoding images (per host)")
     image_cache_gb: float = flag(
         2.0,
         "keep a split's resized images in memory when they fit in this many GiB (decoded "
@@ -156,6 +162,11 @@ def _check_args(a: TrainArgs) -> None:
         raise UsageError(
             f"--captions_per_image {k} must divide --per_device_train_batch_size "
             f"{a.per_device_train_batch_size}: each device holds whole images with their captions"
+        )
+    if a.captions_per_step not in data_lib.CAPTIONS_PER_STEP:
+        raise UsageError(
+            f"--captions_per_step {a.captions_per_step!r} is not one of "
+            + ", ".join(data_lib.CAPTIONS_PER_STEP)
         )
     for name in ("trainable", "freeze"):
         check_patterns(name, getattr(a, name))
@@ -262,6 +273,7 @@ def _dataset(
         cfg.pad_token_id,
         workers=a.preprocessing_num_workers,
         cache_limit_bytes=a.image_cache_gb * 1024**3,
+        process=(jax.process_index(), jax.process_count()),  # each host decodes its own rows
     )
     skipped = ds.skipped
     if skipped:
@@ -313,8 +325,8 @@ def run(a: TrainArgs) -> dict:
     eval_batch = a.per_device_eval_batch_size * devices
 
     # A DataError (the CLI's usage exit) when the split does not fill one batch.
-    k = a.captions_per_image
-    steps_per_epoch = train_ds.steps_per_epoch(global_batch, k) if train_ds else 1
+    k, by_image = a.captions_per_image, a.captions_per_step == "sample"
+    steps_per_epoch = train_ds.steps_per_epoch(global_batch, k, by_image) if train_ds else 1
     total = a.max_steps or int(steps_per_epoch * a.num_train_epochs)
     derived = dict(total_steps=max(total, 1), lora=bool(a.lora_rank))
     tcfg = TrainConfig(**{f.name: getattr(a, f.name) for f in fields(TrainConfig)} | derived)
@@ -322,6 +334,20 @@ def run(a: TrainArgs) -> dict:
     existing = checkpoints(ckpt_dir)
     if existing and a.do_train:
         meta = trainer.restore(existing[-1])
+        saved_batch = meta.get("global_batch", global_batch)
+        if saved_batch != global_batch:  # the data position would mean other examples
+            raise UsageError(
+                f"{existing[-1]} was trained with a global batch of {saved_batch} examples; "
+                f"this run's is {global_batch} (--per_device_train_batch_size "
+                f"{a.per_device_train_batch_size} x {devices} devices x "
+                f"--gradient_accumulation_steps {a.gradient_accumulation_steps}): pass a "
+                f"per-device batch that gives {saved_batch} on these {devices} devices"
+            )
+        if meta.get("seed", a.seed) != a.seed:  # the data order and dropout come from it
+            raise UsageError(
+                f"{existing[-1]} was trained with --seed {meta['seed']}; resume with it, "
+                f"not {a.seed}"
+            )
         log(f"resumed from {existing[-1]} (step {meta['step']})")
 
     def evaluate(ds, prefix: str) -> dict:
@@ -374,9 +400,14 @@ def train_loop(
     window: list[dict] = []
     bar = None  # made after the first step, which compiles: its ETA would count compiling
     timed_steps, timed_since = 0, 0.0  # steps in the logging window after the compiling one
-    per_image = a.captions_per_image
+    per_image, by_image = a.captions_per_image, a.captions_per_step == "sample"
     batches = data_lib.train_batches(
-        ds, global_batch, a.seed, start_step=trainer.step, captions_per_image=per_image
+        ds,
+        global_batch,
+        a.seed,
+        start_step=trainer.step,
+        captions_per_image=per_image,
+        captions_per_step=a.captions_per_step,
     )
     with Preemption() as preemption:  # SIGTERM: save at the next step boundary, exit 0
         for step, batch in batches:
@@ -406,7 +437,7 @@ def train_loop(
                 rate = timed_steps * global_batch / (now - timed_since) if timed_steps else None
                 logged.update(
                     step=done,
-                    epoch=done / ds.steps_per_epoch(global_batch, per_image),
+                    epoch=done / ds.steps_per_epoch(global_batch, per_image, by_image),
                     examples_per_second=rate,
                 )
                 history.append(logged)
@@ -426,10 +457,10 @@ def train_loop(
                 timed_since = time.perf_counter()  # the evaluation is not training throughput
             saved = a.save_steps and done % a.save_steps == 0
             if saved:
-                _save(trainer, ckpt_dir, a)
+                _save(trainer, ckpt_dir, a, global_batch)
             if preemption.stop_now():  # SIGTERM: stop here, saved, and say how to go on
                 if not saved:
-                    _save(trainer, ckpt_dir, a)
+                    _save(trainer, ckpt_dir, a, global_batch)
                 trainer.wait()
                 bar.close()
                 board.close()
@@ -444,14 +475,15 @@ def train_loop(
             f"out of the loss; first: {ds.late_failures[0][0]}: {ds.late_failures[0][1]}"
         )
     board.close()
-    _save(trainer, ckpt_dir, a)
+    _save(trainer, ckpt_dir, a, global_batch)
     trainer.wait()
     return history
 
 
-def _save(trainer: Trainer, ckpt_dir: str, a: TrainArgs) -> None:
+def _save(trainer: Trainer, ckpt_dir: str, a: TrainArgs, global_batch: int) -> None:
     """A checkpoint written in the background while training goes on (orbax, async)."""
-    trainer.save(ckpt_dir, {"seed": a.seed}, keep=a.save_total_limit, block=False)
+    extra = {"seed": a.seed, "global_batch": global_batch}  # a resume checks both
+    trainer.save(ckpt_dir, extra, keep=a.save_total_limit, block=False)
 
 
 def evaluate_split(
@@ -470,7 +502,8 @@ def evaluate_split(
         if a.eval_limit_batches and i >= a.eval_limit_batches:
             break
         # The last batch is padded to the compiled shape: its padding rows carry no tokens.
-        real_rows = (np.arange(len(batch["labels"])) < n_real)[:, None]
+        rows = data_lib.process_rows(batch_size, ds.process)  # this process's of the batch
+        real_rows = (np.arange(rows.start, rows.stop) < n_real)[:, None]
         masked = dict(batch, decoder_attention_mask=batch["decoder_attention_mask"] * real_rows)
         t, c = first_call("eval step", trainer.eval_loss, masked)
         total, count = total + t, count + c
@@ -491,7 +524,7 @@ def _caption_images(trainer, ds, batch_size, max_length, a: TrainArgs, tok, pref
     for i, (batch, n_real) in enumerate(data_lib.eval_batches(ds, batch_size, rows)):
         if a.eval_limit_batches and i >= a.eval_limit_batches:
             break
-        pixels = jnp.asarray(batch["pixel_values"])
+        pixels = trainer.put({"pixel_values": batch["pixel_values"]})["pixel_values"]
         kw = dict(max_length=max_length, num_beams=a.num_beams, mesh=trainer.mesh)
         out = first_call("generation", generate, trainer.model, pixels, **kw)
         texts = tok.batch_decode(out.sequences[:n_real], skip_special_tokens=True)

@@ -241,17 +241,18 @@ class Trainer:
         return nnx.merge(self.graphdef, self.state)[0]
 
     def put(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        """The global batch onto the mesh; in a multi-host run every process holds the whole
-        batch (the data order is a function of the seed) and contributes its own rows. Arrays
-        already on the devices (an earlier put's) are used as they are."""
+        """This process's rows of a global batch onto the mesh: in a multi-host run each
+        process holds only its contiguous block of the batch's rows (data.process_rows), as
+        CaptionDataset.batch hands it out; in one process, the whole batch. Arrays already on
+        the devices (an earlier put's) are used as they are."""
         if self.mesh is None:
             return {k: jnp.asarray(v) for k, v in batch.items()}
-        index, count = jax.process_index(), jax.process_count()
+        count = jax.process_count()
         return {
             k: v
             if isinstance(v, jax.Array)
             else jax.make_array_from_process_local_data(
-                self.batch_sharding, np.array_split(v, count)[index], v.shape
+                self.batch_sharding, v, (len(v) * count, *v.shape[1:])
             )
             for k, v in batch.items()
         }

@@ -17,8 +17,15 @@ One job per module:
 Every name is re-exported here: `from nnx_caption.data import load_split` works as before.
 """
 
-from nnx_caption.data.batches import CaptionDataset, epoch_order, eval_batches, train_batches
-from nnx_caption.data.images import ImageStore
+from nnx_caption.data.batches import (
+    CAPTIONS_PER_STEP,
+    CaptionDataset,
+    epoch_order,
+    eval_batches,
+    process_rows,
+    train_batches,
+)
+from nnx_caption.data.images import Decoder, ImageStore
 from nnx_caption.data.shapes import (
     COLOURS,
     SHAPES,
@@ -43,6 +50,9 @@ from nnx_caption.data.tables import (
 from nnx_caption.data.targets import encode_targets, shift_tokens_right
 
 __all__ = [
+    "CAPTIONS_PER_STEP",
+    "Decoder",
+    "process_rows",
     "COLOURS",
     "IMAGEFOLDER_IMAGE_COLUMN",
     "IMAGEFOLDER_METADATA",

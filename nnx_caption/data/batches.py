@@ -1,6 +1,11 @@
 """Batches: `CaptionDataset` (a split's images and encoded captions), epochs in an order that a
 function of (seed, epoch) rebuilds on resume, and the training and evaluation batch streams,
-prepared ahead in a background thread."""
+prepared ahead in a background thread.
+
+In a multi-host run every process walks the same global order (it depends on the seed and the
+epoch, not on the process count) and `CaptionDataset.batch` hands back only this process's
+contiguous block of each global batch's rows (`process_rows`), decoding only their images:
+the layout `jax.make_array_from_process_local_data` puts on the batch axis."""
 
 from __future__ import annotations
 
@@ -33,12 +38,17 @@ class CaptionDataset:
         pad_token_id: int,
         workers: int = 2,
         cache_limit_bytes: float = 2 * 1024**3,
+        process: tuple[int, int] = (0, 1),
     ) -> None:
+        """`process` (index, count): which rows of each batch are this process's (see
+        process_rows). One process decodes every image up front; several decode each image
+        when a batch first needs it, each only its own."""
+        self.process = process
         # Each distinct image once: COCO-style tables repeat an image for each of its captions.
         unique = list(dict.fromkeys(e.image for e in split.examples))
         # Cache the resized images when they fit in cache_limit_bytes, else decode per batch.
         cache = len(unique) * processor.height * processor.width * 3 <= cache_limit_bytes
-        store = ImageStore(unique, processor, workers, cache=cache)
+        store = ImageStore(unique, processor, workers, cache=cache, preload=process[1] == 1)
         slot = {path: i for i, path in enumerate(unique)}
         rows = [slot[e.image] for e in split.examples]
         failed = [
@@ -61,10 +71,11 @@ class CaptionDataset:
         return len(self.examples)
 
     def batch(self, indices: np.ndarray, captions_per_image: int = 1) -> dict[str, np.ndarray]:
-        """The examples at `indices`. With captions_per_image k, indices come image-major in
-        groups of k sharing one image, and pixel_values holds each image once (len / k rows):
-        the model encodes it once and its captions share it (see image_groups)."""
-        indices = np.asarray(indices)
+        """This process's rows of the batch of the examples at `indices` (all of them in a
+        one-process run). With captions_per_image k, indices come image-major in groups of k
+        sharing one image, and pixel_values holds each image once (len / k rows): the model
+        encodes it once and its captions share it (see image_groups)."""
+        indices = np.asarray(indices)[process_rows(len(indices), self.process)]
         pixels, failed = self._images.pixels_and_failures(self._rows[indices[::captions_per_image]])
         failed = np.repeat(failed, captions_per_image)
         out = {"pixel_values": pixels}
@@ -110,21 +121,39 @@ class CaptionDataset:
         return len(self._captions_by_image)
 
     @property
+    def decoded(self) -> int:
+        """Images this process has decoded."""
+        return self._images.decoded
+
+    @property
     def late_failures(self) -> list[tuple[str, str]]:
         """Images that passed the up-front check but failed to decode in a batch."""
         return self._images.late_failures
 
-    def steps_per_epoch(self, batch_size: int, captions_per_image: int = 1) -> int:
-        """Full batches in an epoch (the last partial batch is dropped): of examples, or with
-        captions_per_image k, of batch_size / k images. A DataError when not even one."""
+    def steps_per_epoch(
+        self, batch_size: int, captions_per_image: int = 1, by_image: bool = False
+    ) -> int:
+        """Full batches in an epoch (the last partial batch is dropped): of examples, or of
+        batch_size / k images when an epoch goes by image (captions_per_image k > 1, or
+        by_image). A DataError when not even one."""
         k = captions_per_image
         if k < 1 or batch_size % k:
             raise DataError(f"a batch of {batch_size} does not split into groups of {k} captions")
-        units, what = (self.images, "images") if k > 1 else (len(self), "examples")
+        units, what = (self.images, "images") if k > 1 or by_image else (len(self), "examples")
         per_batch = batch_size // k
         if per_batch < 1 or units < per_batch:
             raise DataError(f"{units} {what} do not fill one batch of {per_batch}")
         return units // per_batch
+
+
+def process_rows(rows: int, process: tuple[int, int]) -> slice:
+    """Process `index` of `count`'s rows of a global batch: its contiguous block of rows // count
+    (the block its devices hold on the batch axis)."""
+    index, count = process
+    if rows % count:
+        raise DataError(f"a batch of {rows} rows does not split over {count} processes")
+    share = rows // count
+    return slice(index * share, (index + 1) * share)
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
@@ -177,6 +206,9 @@ def _prefetch(items: Iterator[T], ahead: int) -> Iterator[T]:
         thread.join()
 
 
+CAPTIONS_PER_STEP = ("all", "sample")
+
+
 def train_batches(
     ds: CaptionDataset,
     batch_size: int,
@@ -184,15 +216,23 @@ def train_batches(
     start_step: int = 0,
     prefetch: int = 2,
     captions_per_image: int = 1,
+    captions_per_step: str = "all",
 ) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
     """(global step, batch) forever from `start_step`, the same batches whether or not the run
     was interrupted: step s is batch s % steps_per_epoch of epoch s // steps_per_epoch.
 
-    captions_per_image 1 (HF's script): an epoch is every example once, each row its own
-    image. k > 1: an epoch is every image once with k of its captions (ds.image_groups), each
-    batch batch_size / k images encoded once for their k captions."""
+    captions_per_image 1 and captions_per_step "all" (HF's script): an epoch is every caption
+    once, each row its own image. "sample" (big_vision's): an epoch is every image once, with
+    one of its captions drawn at random (a new draw each epoch). k > 1: an epoch is every
+    image once with k of its captions (ds.image_groups), each batch batch_size / k images
+    encoded once for their k captions."""
+    if captions_per_step not in CAPTIONS_PER_STEP:
+        raise DataError(
+            f"captions_per_step is {captions_per_step!r}, not one of {', '.join(CAPTIONS_PER_STEP)}"
+        )
     k = captions_per_image
-    steps = ds.steps_per_epoch(batch_size, k)  # checked here, before the first batch
+    by_image = k > 1 or captions_per_step == "sample"
+    steps = ds.steps_per_epoch(batch_size, k, by_image)  # checked here, before the first batch
 
     def batches() -> Iterator[tuple[int, dict[str, np.ndarray]]]:
         step, epoch, order = start_step, None, None
@@ -201,7 +241,7 @@ def train_batches(
                 epoch = step // steps
                 order = (
                     ds.image_groups(k, seed, epoch).reshape(-1)
-                    if k > 1
+                    if by_image
                     else epoch_order(len(ds), seed, epoch)
                 )
             position = (step % steps) * batch_size
@@ -216,7 +256,8 @@ def eval_batches(
 ) -> Iterator[tuple[dict[str, np.ndarray], int]]:
     """(batch, n_real) over the examples `rows` (default: every one) in order; the last batch
     is padded up to batch_size with copies of its last example, so that every batch has the
-    one compiled shape."""
+    one compiled shape. n_real counts the global batch's real rows; the batch holds this
+    process's rows of it (ds.batch)."""
     rows = np.arange(len(ds)) if rows is None else np.asarray(rows)
 
     def batches() -> Iterator[tuple[dict[str, np.ndarray], int]]:

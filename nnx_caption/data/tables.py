@@ -133,11 +133,15 @@ def _columns(rows: Rows) -> list[str]:
 KARPATHY_SPLITS = {"train": ("train",), "validation": ("val",), "test": ("test",)}
 
 
-def _caption_file(path: str, split: str, restval: bool) -> Rows | None:
+def _caption_file(path: str, split: str, restval: bool, base: str) -> Rows | None:
     """Rows {"image", "caption"} of a COCO captions file ({images, annotations}: a row per
     annotation) or of a Karpathy split file ({images: [{filepath, filename, split,
     sentences}]}, every split in one file: a row per sentence of `split`'s images, restval
-    joining train when asked); None for any other JSON."""
+    joining train when asked); None for any other JSON.
+
+    COCO's file names are bare; when the image folder `base` holds the folder that the file's
+    name points to (captions_val2017.json: val2017/), they are in there, so that one
+    --image_dir (COCO's root) serves both the train and the val file."""
     try:
         data = json.loads(_read_text(path))
     except json.JSONDecodeError:
@@ -147,7 +151,9 @@ def _caption_file(path: str, split: str, restval: bool) -> Rows | None:
     images = data["images"]
     try:
         if isinstance(data.get("annotations"), list):  # COCO
-            names = {image["id"]: image["file_name"] for image in images}
+            folder = os.path.basename(path).removeprefix("captions_").removesuffix(".json")
+            folder = folder if os.path.isdir(os.path.join(base, folder)) else ""
+            names = {image["id"]: os.path.join(folder, image["file_name"]) for image in images}
             return [
                 (n, {"image": names.get(note.get("image_id")), "caption": note.get("caption")})
                 for n, note in enumerate(data["annotations"], start=1)
@@ -213,7 +219,9 @@ def load_split(
         table = path
     if os.path.splitext(table)[1].lower() not in TABLE_SUFFIXES:
         raise DataError(f"{path}: expected a .csv, .json or .jsonl file, or an imagefolder folder")
-    captions = _caption_file(table, split, karpathy_restval) if table.endswith(".json") else None
+    base = data_dir if data_dir is not None else os.path.dirname(os.path.abspath(table))
+    is_json = table.endswith(".json")
+    captions = _caption_file(table, split, karpathy_restval, base) if is_json else None
     if captions is not None:
         if not captions:
             raise DataError(f"{table}: no {split} captions in this COCO / Karpathy file")
@@ -227,7 +235,6 @@ def load_split(
         if column not in columns:
             raise DataError(f"{table}: no column {column!r} (columns: {', '.join(columns)})")
 
-    base = data_dir if data_dir is not None else os.path.dirname(os.path.abspath(table))
     examples, skipped = [], []
     is_file: dict[str, bool] = {}  # COCO-style tables name each image once per caption
     for number, record in rows:

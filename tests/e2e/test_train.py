@@ -232,17 +232,19 @@ def _launch(setup, out: Path, stderr=subprocess.DEVNULL) -> subprocess.Popen:
     )
 
 
-def _wait_for(proc: subprocess.Popen, path: Path) -> None:
+def _wait_for(proc: subprocess.Popen, path: Path, pattern: str | None = None) -> None:
+    """Until `path` exists (or, with a pattern, something in it matches)."""
     deadline = time.time() + 240
-    while not path.exists():
+    while not (any(path.glob(pattern)) if pattern else path.exists()):
         assert proc.poll() is None and time.time() < deadline, f"{path} did not appear"
-        time.sleep(0.02)
+        time.sleep(0.01)
 
 
 def test_killed_at_any_point_the_same_command_ends_as_the_straight_run(setup, tmp_path):
-    """SIGKILL before the first checkpoint, SIGTERM (a clean save, exit 0), SIGKILL after a
-    checkpoint: each time the same command goes on, and the last one ends with the weights of
-    a run that was never interrupted, bit for bit."""
+    """SIGKILL before the first checkpoint, SIGTERM (a clean save, exit 0), SIGKILL as soon as
+    the step-16 checkpoint starts being written (in the background, so mostly mid-save): each
+    time the same command goes on, and the last one ends with the weights of a run that was
+    never interrupted, bit for bit. Another global batch is then refused."""
     straight = cli(*_train_args(setup, tmp_path / "straight"))
     assert straight.returncode == 0, straight.stderr[-3000:]
     out, checkpoints = tmp_path / "killed", tmp_path / "killed" / "checkpoints"
@@ -264,8 +266,8 @@ def test_killed_at_any_point_the_same_command_ends_as_the_straight_run(setup, tm
     assert "starting over" in err and "SIGTERM: saved step" in err
     assert not (out / "config.json").exists()  # it stopped mid-run, before the export
 
-    proc = _launch(setup, out)  # SIGKILL after a checkpoint
-    _wait_for(proc, checkpoints / "step_00000016" / "_CHECKPOINT_METADATA")
+    proc = _launch(setup, out)  # SIGKILL during an async save
+    _wait_for(proc, checkpoints, "step_00000016*")  # the temporary folder orbax writes first
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (out / "config.json").exists()
@@ -276,6 +278,9 @@ def test_killed_at_any_point_the_same_command_ends_as_the_straight_run(setup, tm
     want, got = _params(tmp_path / "straight"), _params(out)
     for name in want:
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    # Resumed with another global batch, the data position would point at other examples.
+    other = cli(*_train_args(setup, out), "--per_device_train_batch_size", "8")
+    assert other.returncode == 2 and "global batch of 16" in other.stderr, other.stderr[-2000:]
 
 
 def test_bad_flags_and_data_stop_before_training(setup, tmp_path):
@@ -409,3 +414,130 @@ def test_hf_datasets_imagefolder(setup, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "train: 64 examples" in proc.stderr and "eval: 16 examples" in proc.stderr
     assert json.loads((tmp_path / "ds" / "eval_results.json").read_text())["eval_loss"] > 0
+
+
+def _five_references(caption: str) -> list[str]:
+    """Five captions of one image, as COCO has (the shapes caption and four rewordings)."""
+    return [caption, f"a picture of {caption}", f"{caption} on a plain background",
+            f"there is {caption}", f"an image showing {caption}"]  # fmt: skip
+
+
+def _shapes_rows(setup, split: str, n: int) -> list[tuple[Path, str]]:
+    folder = Path(setup["splits"][split])
+    rows = [json.loads(line) for line in open(folder / "metadata.jsonl")][:n]
+    return [(folder / r["file_name"], r["text"]) for r in rows]
+
+
+def test_coco_captions_files_train_and_score_as_cocoevalcap(setup, tmp_path, monkeypatch):
+    """COCO's own layout: annotations/captions_{train,val}2017.json and the image folders
+    train2017/ and val2017/ under one --image_dir. Evaluation captions each val image once and
+    scores it against its five references: the scores are pycocoevalcap's COCOEvalCap on the
+    same predictions, run on the val annotation file itself."""
+    import shutil
+
+    root = tmp_path / "coco"
+    (root / "annotations").mkdir(parents=True)
+    ids = {}
+    for split, source, n in (("train2017", "train", 64), ("val2017", "validation", 16)):
+        (root / split).mkdir()
+        images, notes = [], []
+        for i, (path, caption) in enumerate(_shapes_rows(setup, source, n)):
+            image_id = 1000 * (split == "val2017") + 7 * i + 3
+            name = f"{image_id:012d}.png"
+            shutil.copy(path, root / split / name)
+            ids[name] = image_id
+            images.append({"id": image_id, "file_name": name, "height": 32, "width": 32})
+            notes += [{"id": 10 * image_id + j, "image_id": image_id, "caption": c}
+                      for j, c in enumerate(_five_references(caption))]  # fmt: skip
+        notes = notes[::2] + notes[1::2]  # COCO's annotations are not grouped by image
+        coco = {"info": {}, "licenses": [], "images": images, "annotations": notes}
+        (root / "annotations" / f"captions_{split}.json").write_text(json.dumps(coco))
+    out = tmp_path / "out"
+    proc = cli(
+        "train",
+        *("--model_name_or_path", str(setup["init"]), "--output_dir", str(out)),
+        *("--train_file", str(root / "annotations" / "captions_train2017.json")),
+        *("--validation_file", str(root / "annotations" / "captions_val2017.json")),
+        *("--image_dir", str(root), "--do_train", "--do_eval", "--predict_with_generate"),
+        *("--max_steps", "40", "--per_device_train_batch_size", "32", "--learning_rate", "3e-3"),
+        *("--max_target_length", "16", "--per_device_eval_batch_size", "16"),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "train: 320 examples" in proc.stderr and "eval: 80 examples" in proc.stderr
+    generated = json.loads((out / "generated_eval.json").read_text())
+    assert len(generated) == 16 and all(len(g["references"]) == 5 for g in generated)
+    results = json.loads((out / "eval_results.json").read_text())
+
+    from pycocoevalcap import eval as cocoeval
+    from pycocotools.coco import COCO
+
+    class NoSpice:  # SPICE downloads Stanford CoreNLP on first use; it is not one of ours
+        def method(self) -> str:
+            return "SPICE"
+
+        def compute_score(self, gts, res):
+            return 0.0, [0.0] * len(gts)
+
+    monkeypatch.setattr(cocoeval, "Spice", NoSpice)
+    ground_truth = COCO(str(root / "annotations" / "captions_val2017.json"))
+    predictions = [
+        {"image_id": ids[Path(g["image"]).name], "caption": g["prediction"]} for g in generated
+    ]
+    evaluation = cocoeval.COCOEvalCap(ground_truth, ground_truth.loadRes(predictions))
+    evaluation.evaluate()
+    for name in ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr"):
+        assert results[f"eval_{name}"] == pytest.approx(evaluation.eval[name], rel=1e-9), name
+    assert results["eval_Bleu_1"] > 0.1  # it learned: the untrained model scores under 0.01
+
+
+def test_karpathy_split_file_gives_each_flag_its_split(setup, tmp_path):
+    """dataset_coco.json, the file captioning papers train and test on: one file, every split.
+    As --train_file it is its train split (with restval under --karpathy_restval), as
+    --validation_file its val split, as --test_file its test split."""
+    import shutil
+
+    root = tmp_path / "coco"
+    images, sentence = [], 0
+    splits = ["train"] * 16 + ["restval"] * 8 + ["val"] * 4 + ["test"] * 4
+    for i, ((path, caption), split) in enumerate(
+        zip(_shapes_rows(setup, "train", len(splits)), splits, strict=True)
+    ):
+        folder = "val2014" if split != "train" else "train2014"
+        name = f"COCO_{folder}_{i:012d}.png"
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, root / folder / name)
+        sentences = [
+            {"raw": r, "tokens": r.split(), "imgid": i, "sentid": sentence + j}
+            for j, r in enumerate(_five_references(caption))
+        ]
+        sentids = [s["sentid"] for s in sentences]
+        images.append(
+            dict(filepath=folder, filename=name, split=split, cocoid=i, imgid=i, sentids=sentids)
+            | {"sentences": sentences}
+        )
+        sentence += 5
+    karpathy = root / "dataset_coco.json"
+    karpathy.write_text(json.dumps({"images": images, "dataset": "coco"}))
+    out = tmp_path / "out"
+    proc = cli(
+        "train",
+        *("--model_name_or_path", str(setup["init"]), "--output_dir", str(out)),
+        *("--train_file", str(karpathy), "--validation_file", str(karpathy)),
+        *("--test_file", str(karpathy), "--karpathy_restval", "--image_dir", str(root)),
+        *("--do_train", "--do_eval", "--do_predict", "--predict_with_generate"),
+        *("--max_steps", "2", "--per_device_train_batch_size", "16"),
+        *("--max_target_length", "16", "--per_device_eval_batch_size", "4"),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "train: 120 examples" in proc.stderr  # (16 train + 8 restval images) x 5
+    for prefix, split in (("eval", "val"), ("test", "test")):
+        generated = json.loads((out / f"generated_{prefix}.json").read_text())
+        want = [im for im in images if im["split"] == split]
+        assert [Path(g["image"]).name for g in generated] == [im["filename"] for im in want]
+        assert [g["references"] for g in generated] == [
+            [s["raw"] for s in im["sentences"]] for im in want
+        ]
+        assert set(json.loads((out / f"{prefix}_results.json").read_text())) >= {
+            f"{prefix}_loss",
+            f"{prefix}_CIDEr",
+        }

@@ -217,6 +217,21 @@ def test_image_store_equals_the_processor_for_every_mode(tmp_path, processor, wo
     np.testing.assert_array_equal(store.pixels(np.array([3, 0, 3])), expected[[3, 0, 3]])
 
 
+def test_workers_decode_through_a_small_shared_ring_as_one_process_does(tmp_path, processor):
+    """Workers write into a shared block used as a ring (here of a few images, so that it
+    wraps many times): the same pixels and failures, at the same indices, as decoding here."""
+    paths = [str(tmp_path / n) for n in _images(tmp_path, 60)]  # tasks of 8 > the ring's 5
+    for broken in (3, 20):
+        Path(paths[broken]).write_bytes(b"not an image")
+    here, here_failed = data.Decoder(processor, workers=0).decode(paths)
+    ring = data.Decoder(processor, workers=2, block_mb=5 * 12 * 12 * 3 / 2**20)  # 5 images
+    assert ring._shape[0] == 5
+    got, got_failed = ring.decode(paths)
+    ring.close()
+    np.testing.assert_array_equal(got, here)
+    assert got_failed.keys() == here_failed.keys() == {3, 20}
+
+
 def test_bad_images_are_dropped_with_reasons(tmp_path, tokenizer, monkeypatch):
     good = [_png(tmp_path / f"good{i}.png", seed=i) for i in range(2)]
     (tmp_path / "zero.png").write_bytes(b"")
@@ -339,6 +354,114 @@ def test_batches_of_images_with_several_captions(tmp_path, tokenizer):
     assert _same(resumed, run[3:])
     with pytest.raises(DataError, match="groups of 3"):
         data.train_batches(ds, 4, seed=0, captions_per_image=3)
+
+
+def test_each_process_gets_and_decodes_only_its_rows(tmp_path, tokenizer):
+    """Two processes of a multi-host run walk the one global order: each gets its contiguous
+    half of every global batch (the one-process batch's rows, split), and decodes only the
+    images of those rows, each once, into a cache of its own."""
+    names = _images(tmp_path / "images", 16)
+    table = _write_csv(
+        tmp_path / "t.csv", ["image", "caption"], [[f"images/{n}", f"c {n}"] for n in names]
+    )
+    split = load_split(str(table))
+    make = lambda process, workers: CaptionDataset(  # noqa: E731
+        split, ImageProcessor(size=8), tokenizer, 8, START, PAD, workers, process=process
+    )
+    whole = make((0, 1), 1)
+    assert whole.decoded == 16  # one process: every image up front
+    one = list(itertools.islice(data.train_batches(whole, 4, seed=2), 4))  # one epoch
+    seen = set()
+    for index, workers in ((0, 2), (1, 1)):
+        part = make((index, 2), workers)
+        assert part.decoded == 0  # nothing up front
+        mine = list(itertools.islice(data.train_batches(part, 4, seed=2, prefetch=0), 4))
+        half = [(s, {k: v[2 * index : 2 * index + 2] for k, v in b.items()}) for s, b in one]
+        assert _same(mine, half)
+        images = {bytes(image) for _, b in half for image in b["pixel_values"]}
+        assert part.decoded == len(images) == 8  # its half of the epoch's images, once each
+        seen |= images
+        again = list(itertools.islice(data.train_batches(part, 4, seed=2, start_step=4), 4))
+        assert part.decoded <= 16 and len(again) == 4  # epoch 2 decodes only images new to it
+    assert len(seen) == 16  # between them, every image of the epoch
+    with pytest.raises(DataError, match="does not split over 2 processes"):
+        make((0, 2), 1).batch(np.arange(3))
+
+
+def test_sampled_captions_cover_every_image_once_an_epoch(tmp_path, tokenizer):
+    """captions_per_step "sample" (big_vision): an epoch is each image once with one of its
+    captions, drawn anew each epoch; resumable; a bad choice is refused by name."""
+    names = _images(tmp_path / "images", 6)
+    rows = [
+        [f"images/{n}", f"image {i} caption {j}"] for i, n in enumerate(names) for j in range(3)
+    ]
+    table = _write_csv(tmp_path / "t.csv", ["image", "caption"], rows)
+    ds = CaptionDataset(load_split(str(table)), ImageProcessor(size=8), tokenizer, 8, START, PAD, 1)
+    assert ds.steps_per_epoch(2) == 9 and ds.steps_per_epoch(2, by_image=True) == 3
+    run = list(itertools.islice(data.train_batches(ds, 2, seed=4, captions_per_step="sample"), 9))
+    chosen = []
+    for epoch in range(3):
+        groups = ds.image_groups(1, 4, epoch)[:, 0]
+        assert sorted(ds.examples[i].image for i in groups) == sorted(
+            set(e.image for e in ds.examples)
+        )
+        for position in range(3):
+            _, batch = run[epoch * 3 + position]
+            want = ds.batch(groups[position * 2 : position * 2 + 2])
+            assert all(np.array_equal(batch[k], want[k]) for k in want)
+        chosen.append([ds.examples[i].caption for i in groups])
+    assert chosen[0] != chosen[1]  # another draw of captions each epoch
+    resumed = data.train_batches(ds, 2, seed=4, start_step=5, captions_per_step="sample")
+    assert _same(list(itertools.islice(resumed, 4)), run[5:])
+    with pytest.raises(DataError, match="not one of all, sample"):
+        data.train_batches(ds, 2, seed=4, captions_per_step="one")
+
+
+SIGKILLED = """
+import sys, time
+from nnx_caption.data import ImageStore
+from nnx_caption.processing import ImageProcessor
+store = ImageStore(sys.argv[1:], ImageProcessor(size=8), workers=2, preload=False)
+store.pixels([0, 1, 2, 3])  # the workers are up, the shared block in use
+print(store._decoder._block.name, *[p.pid for p in store._decoder._pool._processes.values()])
+sys.stdout.flush()
+time.sleep(600)
+"""
+
+
+def test_a_sigkilled_parent_leaves_no_workers_or_shared_memory(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    paths = [str(tmp_path / n) for n in _images(tmp_path, 4)]
+    child = subprocess.Popen([sys.executable, "-c", SIGKILLED, *paths], stdout=subprocess.PIPE)
+    block, *workers = child.stdout.readline().decode().split()
+    assert len(workers) == 2 and os.path.exists(f"/dev/shm/{block}")
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+
+    def alive(pid: str) -> bool:
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return False
+        state = (
+            Path(f"/proc/{pid}/stat").read_text().split()[2]
+            if Path(f"/proc/{pid}").exists()
+            else "X"
+        )
+        return state not in "ZX"  # a zombie has exited
+
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and (
+        any(alive(w) for w in workers) or os.path.exists(f"/dev/shm/{block}")
+    ):
+        time.sleep(0.2)
+    assert not any(alive(w) for w in workers), "workers outlived their killed parent"
+    assert not os.path.exists(f"/dev/shm/{block}"), "the shared block was left in /dev/shm"
 
 
 def test_train_batches_stop_their_thread_and_need_a_full_batch(tmp_path, tokenizer):
