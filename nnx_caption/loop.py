@@ -377,7 +377,8 @@ def run(a: TrainArgs) -> dict:
             "final_loss": history[-1]["loss"] if history else None,
         }
         export(trainer, a.output_dir, source)
-        plot_run(a.output_dir)
+        if not (a.do_eval or a.do_predict):  # else drawn once more after each evaluation
+            plot_run(a.output_dir)
     if a.do_eval:
         results["eval"] = evaluate(eval_ds, "eval")
     if a.do_predict:

@@ -218,6 +218,7 @@ class Trainer:
         self.graphdef, self.state = nnx.split((model, optimizer))
         self.step = 0
         self._managers: dict = {}  # checkpoint folder -> its orbax CheckpointManager
+        self._keep: dict[str, int | None] = {}  # checkpoint folder -> its manager's max_to_keep
         # The new state keeps the old one's shardings (the rules'), whatever XLA would prefer;
         # what the optimizer created off the mesh (its step count) is replicated on it.
         shardings = None
@@ -281,7 +282,10 @@ class Trainer:
         import orbax.checkpoint as ocp
 
         directory = os.path.abspath(directory)
+        if directory in self._managers and keep is not None and self._keep[directory] != keep:
+            self._managers.pop(directory).close()  # another limit: a manager that keeps it
         if directory not in self._managers:
+            self._keep[directory] = keep
             options = ocp.CheckpointManagerOptions(
                 max_to_keep=keep or None,
                 step_prefix=STEP_PREFIX,

@@ -342,3 +342,16 @@ def test_training_checkpoints_restore_exactly_and_refuse_a_diverged_one(saved, t
         fresh.restore(diverged)
     name = ".".join(map(str, path))
     assert repr(name) in str(err.value) and f"Move {diverged} away" in str(err.value)
+
+
+def test_checkpoints_keep_the_newest_as_many_as_asked(saved, tmp_path):
+    """save(keep=N) keeps the newest N step folders, also when an earlier save in the same
+    folder asked for another limit (or none)."""
+    from nnx_caption.train import TrainConfig, Trainer, checkpoints
+
+    trainer = Trainer(nc.from_pretrained(saved), TrainConfig(total_steps=2))
+    folder = str(tmp_path / "checkpoints")
+    for step, keep in ((1, None), (2, None), (3, None), (4, 2), (5, 2)):
+        trainer.step = step
+        trainer.save(folder, keep=keep)
+    assert [os.path.basename(c) for c in checkpoints(folder)] == ["step_00000004", "step_00000005"]
