@@ -325,8 +325,8 @@ def run(a: TrainArgs) -> dict:
     eval_batch = a.per_device_eval_batch_size * devices
 
     # A DataError (the CLI's usage exit) when the split does not fill one batch.
-    k, by_image = a.captions_per_image, a.captions_per_step == "sample"
-    steps_per_epoch = train_ds.steps_per_epoch(global_batch, k, by_image) if train_ds else 1
+    k, per_step = a.captions_per_image, a.captions_per_step
+    steps_per_epoch = train_ds.steps_per_epoch(global_batch, k, per_step) if train_ds else 1
     total = a.max_steps or int(steps_per_epoch * a.num_train_epochs)
     derived = dict(total_steps=max(total, 1), lora=bool(a.lora_rank))
     tcfg = TrainConfig(**{f.name: getattr(a, f.name) for f in fields(TrainConfig)} | derived)
@@ -401,7 +401,8 @@ def train_loop(
     window: list[dict] = []
     bar = None  # made after the first step, which compiles: its ETA would count compiling
     timed_steps, timed_since = 0, 0.0  # steps in the logging window after the compiling one
-    per_image, by_image = a.captions_per_image, a.captions_per_step == "sample"
+    per_image = a.captions_per_image
+    steps_per_epoch = ds.steps_per_epoch(global_batch, per_image, a.captions_per_step)
     batches = data_lib.train_batches(
         ds,
         global_batch,
@@ -438,7 +439,7 @@ def train_loop(
                 rate = timed_steps * global_batch / (now - timed_since) if timed_steps else None
                 logged.update(
                     step=done,
-                    epoch=done / ds.steps_per_epoch(global_batch, per_image, by_image),
+                    epoch=done / steps_per_epoch,
                     examples_per_second=rate,
                 )
                 history.append(logged)

@@ -217,8 +217,7 @@ class Trainer:
         optimizer = make_optimizer(model, cfg)
         self.graphdef, self.state = nnx.split((model, optimizer))
         self.step = 0
-        self._managers: dict = {}  # checkpoint folder -> its orbax CheckpointManager
-        self._keep: dict[str, int | None] = {}  # checkpoint folder -> its manager's max_to_keep
+        self._managers: dict = {}  # checkpoint folder -> (max_to_keep, its CheckpointManager)
         # The new state keeps the old one's shardings (the rules'), whatever XLA would prefer;
         # what the optimizer created off the mesh (its step count) is replicated on it.
         shardings = None
@@ -282,10 +281,11 @@ class Trainer:
         import orbax.checkpoint as ocp
 
         directory = os.path.abspath(directory)
-        if directory in self._managers and keep is not None and self._keep[directory] != keep:
-            self._managers.pop(directory).close()  # another limit: a manager that keeps it
-        if directory not in self._managers:
-            self._keep[directory] = keep
+        kept, manager = self._managers.get(directory, (None, None))
+        if manager is not None and keep is not None and kept != keep:
+            manager.close()  # another limit for this folder: a manager that keeps it
+            manager = None
+        if manager is None:
             options = ocp.CheckpointManagerOptions(
                 max_to_keep=keep or None,
                 step_prefix=STEP_PREFIX,
@@ -293,10 +293,11 @@ class Trainer:
                 enable_async_checkpointing=True,
                 cleanup_tmp_directories=True,  # what a save killed midway left behind
             )
-            self._managers[directory] = ocp.CheckpointManager(
+            manager = ocp.CheckpointManager(
                 directory, options=options, item_names=("state", "meta")
             )
-        return self._managers[directory]
+            self._managers[directory] = keep, manager
+        return manager
 
     def save(
         self, directory: str, extra: dict | None = None, keep: int | None = None, block=True
@@ -317,7 +318,7 @@ class Trainer:
 
     def wait(self) -> None:
         """Waits for the checkpoints being written in the background."""
-        for manager in self._managers.values():
+        for _, manager in self._managers.values():
             manager.wait_until_finished()
 
     def restore(self, checkpoint: str) -> dict:

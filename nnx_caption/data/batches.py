@@ -131,19 +131,32 @@ class CaptionDataset:
         return self._images.late_failures
 
     def steps_per_epoch(
-        self, batch_size: int, captions_per_image: int = 1, by_image: bool = False
+        self, batch_size: int, captions_per_image: int = 1, captions_per_step: str = "all"
     ) -> int:
         """Full batches in an epoch (the last partial batch is dropped): of examples, or of
         batch_size / k images when an epoch goes by image (captions_per_image k > 1, or
-        by_image). A DataError when not even one."""
+        captions_per_step "sample"; see train_batches). A DataError when not even one."""
         k = captions_per_image
         if k < 1 or batch_size % k:
             raise DataError(f"a batch of {batch_size} does not split into groups of {k} captions")
-        units, what = (self.images, "images") if k > 1 or by_image else (len(self), "examples")
+        by_image = _epoch_by_image(k, captions_per_step)
+        units, what = (self.images, "images") if by_image else (len(self), "examples")
         per_batch = batch_size // k
         if per_batch < 1 or units < per_batch:
             raise DataError(f"{units} {what} do not fill one batch of {per_batch}")
         return units // per_batch
+
+
+CAPTIONS_PER_STEP = ("all", "sample")
+
+
+def _epoch_by_image(captions_per_image: int, captions_per_step: str) -> bool:
+    """Whether an epoch is every image once (else every caption once)."""
+    if captions_per_step not in CAPTIONS_PER_STEP:
+        raise DataError(
+            f"captions_per_step is {captions_per_step!r}, not one of {', '.join(CAPTIONS_PER_STEP)}"
+        )
+    return captions_per_image > 1 or captions_per_step == "sample"
 
 
 def process_rows(rows: int, process: tuple[int, int]) -> slice:
@@ -206,9 +219,6 @@ def _prefetch(items: Iterator[T], ahead: int) -> Iterator[T]:
         thread.join()
 
 
-CAPTIONS_PER_STEP = ("all", "sample")
-
-
 def train_batches(
     ds: CaptionDataset,
     batch_size: int,
@@ -226,13 +236,10 @@ def train_batches(
     one of its captions drawn at random (a new draw each epoch). k > 1: an epoch is every
     image once with k of its captions (ds.image_groups), each batch batch_size / k images
     encoded once for their k captions."""
-    if captions_per_step not in CAPTIONS_PER_STEP:
-        raise DataError(
-            f"captions_per_step is {captions_per_step!r}, not one of {', '.join(CAPTIONS_PER_STEP)}"
-        )
     k = captions_per_image
-    by_image = k > 1 or captions_per_step == "sample"
-    steps = ds.steps_per_epoch(batch_size, k, by_image)  # checked here, before the first batch
+    # Checked here, before the first batch.
+    steps = ds.steps_per_epoch(batch_size, k, captions_per_step)
+    by_image = _epoch_by_image(k, captions_per_step)
 
     def batches() -> Iterator[tuple[int, dict[str, np.ndarray]]]:
         step, epoch, order = start_step, None, None

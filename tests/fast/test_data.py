@@ -397,7 +397,7 @@ def test_sampled_captions_cover_every_image_once_an_epoch(tmp_path, tokenizer):
     ]
     table = _write_csv(tmp_path / "t.csv", ["image", "caption"], rows)
     ds = CaptionDataset(load_split(str(table)), ImageProcessor(size=8), tokenizer, 8, START, PAD, 1)
-    assert ds.steps_per_epoch(2) == 9 and ds.steps_per_epoch(2, by_image=True) == 3
+    assert ds.steps_per_epoch(2) == 9 and ds.steps_per_epoch(2, captions_per_step="sample") == 3
     run = list(itertools.islice(data.train_batches(ds, 2, seed=4, captions_per_step="sample"), 9))
     chosen = []
     for epoch in range(3):
