@@ -1,7 +1,8 @@
 """Images/s decoded and resized (to the model's 224x224, as ImageProcessor does) from COCO-sized
-JPEGs, against the number of worker processes: nnx-caption's `data.Decoder` (workers decode
-into shared memory) and grain (`MapDataset.map(...).batch(...).mp_prefetch`, its worker
-processes and shared-memory batches), in one run on the same files.
+JPEGs, against the number of worker processes: nnx-caption's batch stream for a split that is
+not cached (`ImageStore.stream`: grain's `mp_prefetch` workers, one thread each, tasks of one
+batch) against grain's defaults for the same job (`MapDataset.map(decode).batch(32)`,
+`mp_prefetch`, a pool of threads in each worker), in one run on the same files.
 
     .venv/bin/python benchmarks/data.py [--images 256] [--workers 0 2 4] [--repeats 4] [--rounds 3]
 
@@ -9,12 +10,12 @@ The JPEGs are generated once into benchmarks/.cache/jpegs: 640x480, quality 90, 
 fields with noise, about COCO's average file size (~160 KB), read once into the page cache.
 Each configuration runs twice from its start (its workers' included), over 1 pass of every
 file and over 1 + --repeats passes: the difference gives the steady images/s (the start and
-any read-ahead cancel), the rest the start-up time; the two libraries take turns for
---rounds rounds and each figure is the median. Workers 0 is decoding in this process
-(grain's default: a pool of threads; nnx-caption's: one thread). The last lines turn the
-rate into the workers that a device needs: a step's examples/s at an assumed MFU, from the
-analytic FLOPs of ViT-B/16 + GPT-2 (target length 32), divided by the images/s of one core
-(nnx-caption's workers-0 figure).
+any read-ahead cancel), the rest the start-up time; the two take turns for --rounds rounds and
+each figure is the median. Workers 0 is decoding in this process (nnx-caption: one thread;
+grain's default read options: a pool of threads). The last lines turn the rate into the
+workers that a device needs: a step's examples/s at an assumed MFU, from the analytic FLOPs of
+ViT-B/16 + GPT-2 (target length 32), divided by the images/s of one core (nnx-caption's
+workers-0 figure).
 """
 
 from __future__ import annotations
@@ -54,18 +55,16 @@ def make_jpegs(n: int) -> list[str]:
 
 
 def ours(paths: list[str], processor, workers: int, passes: int) -> float:
-    """Seconds for `passes` passes of Decoder.decode, from the decoder's start (its
-    workers')."""
-    from nnx_caption.data import Decoder
+    """Seconds for `passes` passes of batches of 32 through ImageStore.stream, uncached (the
+    training path of a split that does not fit), from the store's start (its workers')."""
+    from nnx_caption.data import ImageStore
 
     start = time.perf_counter()
-    decoder = Decoder(processor, workers)
-    try:
-        for _ in range(passes):
-            images, failed = decoder.decode(paths)
-            assert not failed and images.shape == (len(paths), 224, 224, 3)
-    finally:
-        decoder.close()
+    store = ImageStore(paths, processor, workers, cache=False)
+    order = np.concatenate([np.arange(len(paths))] * passes)
+    batches = [order[i : i + 32] for i in range(0, len(order), 32)]
+    count = sum(len(pixels) for pixels, failed in store.stream(batches) if not failed.any())
+    assert count == passes * len(paths)
     return time.perf_counter() - start
 
 
@@ -76,8 +75,8 @@ def _grain_decode(path: str, processor=None) -> np.ndarray:
 
 
 def grain_seconds(paths: list[str], processor, workers: int, passes: int) -> float:
-    """Seconds for one pipeline over `passes` passes, from its start (its workers') to its
-    last batch. With no workers, grain's default read options: in this process, threads."""
+    """Seconds for one pipeline of grain's defaults over `passes` passes, from its start (its
+    workers') to its last batch. With no workers: in this process, threads."""
     import functools
 
     import grain
@@ -114,7 +113,7 @@ def main() -> None:
     parser.add_argument("--mfu", type=float, default=0.4, help="assumed, for the device lines")
     args = parser.parse_args()
     cores = os.cpu_count() or 1
-    # 0: decoded in this process (for nnx-caption, so is 1: one worker would only wait).
+    # 0: decoded in this process.
     workers = args.workers or sorted({0, 2, cores} | ({4} if cores >= 4 else set()))
 
     from nnx_caption import config as config_lib
@@ -131,14 +130,11 @@ def main() -> None:
         runs: dict[str, list[dict]] = {"nnx_caption": [], "grain": []}
         for _ in range(args.rounds):  # alternated: a shared machine's speed drifts
             runs["nnx_caption"].append(rates(ours, paths, processor, w, args.repeats))
-            try:
-                runs["grain"].append(rates(grain_seconds, paths, processor, w, args.repeats))
-            except ImportError:
-                pass
+            runs["grain"].append(rates(grain_seconds, paths, processor, w, args.repeats))
         row = {"workers": w, **{k: _median(v) for k, v in runs.items()}, "runs": runs}
         rows.append(row)
         line = f"{w} workers: nnx-caption {_rate(row['nnx_caption'])}"
-        print(line + ("" if row["grain"] is None else f"; grain {_rate(row['grain'])}"))
+        print(f"{line}; grain's defaults {_rate(row['grain'])}")
 
     per_worker = rows[0]["nnx_caption"]["images_per_s"]  # in this process: one core's rate
     example_flops = flops.train_step(config_lib.vit_gpt2_base(), 1, 32)
@@ -177,17 +173,19 @@ def _section(result: dict) -> str:
         f"`.venv/bin/python {result['command']}` ({machine_line(result['machine'])}): "
         f"{result['images']} generated 640x480 JPEGs ({result['jpeg_kb']:.0f} KB on average) "
         "decoded and resized to 224x224; steady images/s and start-up seconds, medians of the "
-        "rounds, the two libraries taking turns.",
+        "rounds, the two taking turns. nnx-caption: its batch stream of a split that is not "
+        "cached (grain workers, one thread each); grain: its defaults (`map(decode).batch(32)`"
+        ", `mp_prefetch`, threads in each worker).",
         "",
-        "| workers | nnx-caption images/s | start | grain images/s | start |",
+        "| workers | nnx-caption images/s | start | grain defaults images/s | start |",
         "| ---: | ---: | ---: | ---: | ---: |",
     ]
     for row in result["rows"]:
-        ours_row, grain_row = row["nnx_caption"], row["grain"] or {}
+        ours_row, grain_row = row["nnx_caption"], row["grain"]
         lines.append(
             f"| {row['workers'] or '0 (this process)'} | {ours_row['images_per_s']:.0f} | "
-            f"{ours_row['start_s']:.1f} s | {grain_row.get('images_per_s', float('nan')):.0f} | "
-            f"{grain_row.get('start_s', float('nan')):.1f} s |"
+            f"{ours_row['start_s']:.1f} s | {grain_row['images_per_s']:.0f} | "
+            f"{grain_row['start_s']:.1f} s |"
         )
     for device, need in result["needs"].items():
         lines += [
@@ -200,8 +198,8 @@ def _section(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _median(runs: list[dict]) -> dict | None:
-    return {k: statistics.median(r[k] for r in runs) for k in runs[0]} if runs else None
+def _median(runs: list[dict]) -> dict:
+    return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
 
 
 def _rate(r: dict) -> str:

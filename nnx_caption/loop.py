@@ -121,7 +121,9 @@ class TrainArgs(ModelArgs, TrainConfig):
         "all: an epoch is every caption once (HF); sample: every image once, with one of its "
         "captions drawn at random each epoch (big_vision)",
     )
-    preprocessing_num_workers: int = flag(2, "processes decoding images (per host)")
+    preprocessing_num_workers: int = flag(
+        2, "grain worker processes decoding images (per host); 0: in the main process"
+    )
     image_cache_gb: float = flag(
         2.0,
         "keep a split's resized images in memory when they fit in this many GiB (decoded "

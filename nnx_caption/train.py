@@ -338,9 +338,17 @@ class Trainer:
             out = self._manager(directory).restore(step, args=ocp.args.Composite(**items))
         except (FileNotFoundError, ValueError, KeyError) as err:
             raise CheckpointError(f"{checkpoint}: cannot restore it: {err}") from None
-        for path, var in nnx.to_flat_state(out["state"]):
-            value = var[...]
-            if jnp.issubdtype(value.dtype, jnp.floating) and not bool(jnp.isfinite(value).all()):
+        floats = [
+            (path, var[...])
+            for path, var in nnx.to_flat_state(out["state"])
+            if jnp.issubdtype(var[...].dtype, jnp.floating)
+        ]
+        # One program and one transfer to the host for the whole state, not one per array
+        # (nor many small programs with collectives in flight at once, which can deadlock
+        # XLA's CPU collectives).
+        finite = jax.device_get(_all_finite([v for _, v in floats]))
+        for (path, _), ok in zip(floats, finite, strict=True):
+            if not ok:
                 raise NonFiniteError(
                     f"{checkpoint}: {path_str(path)!r} holds NaN or Inf: the run had diverged "
                     f"when this checkpoint was saved. Move {checkpoint} away to resume from the "
@@ -349,6 +357,12 @@ class Trainer:
         self.state = out["state"]
         self.step = int(out["meta"]["step"])
         return out["meta"]
+
+
+@jax.jit
+def _all_finite(arrays: list[jax.Array]) -> jax.Array:
+    """bool (len(arrays),): whether each array is free of NaN and Inf."""
+    return jnp.stack([jnp.isfinite(a).all() for a in arrays])
 
 
 STEP_PREFIX = "step"  # checkpoints are step_00000008 and so on

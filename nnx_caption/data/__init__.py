@@ -8,8 +8,8 @@ One job per module:
   `DataError`.
 - `targets`: captions encoded as labels and decoder inputs as Hugging Face's
   run_image_captioning_flax.py encodes them (`encode_targets`, `shift_tokens_right`).
-- `images`: image files decoded and resized in worker processes, and the `ImageStore` holding a
-  split's images.
+- `images`: image files decoded and resized in grain's worker processes, and the `ImageStore`
+  holding a split's images.
 - `batches`: `CaptionDataset`, the resumable epoch order (`epoch_order`) and the batch streams
   (`train_batches`, `eval_batches`).
 - `shapes`: the synthetic shapes dataset (`make_shapes`) and `train_caption_tokenizer`.
@@ -25,7 +25,7 @@ from nnx_caption.data.batches import (
     process_rows,
     train_batches,
 )
-from nnx_caption.data.images import Decoder, ImageStore
+from nnx_caption.data.images import ImageStore
 from nnx_caption.data.shapes import (
     COLOURS,
     SHAPES,
@@ -51,7 +51,6 @@ from nnx_caption.data.targets import encode_targets, shift_tokens_right
 
 __all__ = [
     "CAPTIONS_PER_STEP",
-    "Decoder",
     "process_rows",
     "COLOURS",
     "IMAGEFOLDER_IMAGE_COLUMN",

@@ -1,6 +1,7 @@
 """Batches: `CaptionDataset` (a split's images and encoded captions), epochs in an order that a
-function of (seed, epoch) rebuilds on resume, and the training and evaluation batch streams,
-prepared ahead in a background thread.
+function of (seed, epoch) rebuilds on resume, and the training and evaluation batch streams:
+the images they need decoded ahead by grain's workers (`ImageStore.stream`), the batches put
+together ahead in a background thread.
 
 In a multi-host run every process walks the same global order (it depends on the seed and the
 epoch, not on the process count) and `CaptionDataset.batch` hands back only this process's
@@ -58,7 +59,7 @@ class CaptionDataset:
         kept = [i for i, r in enumerate(rows) if store.ok[r]]
         self.examples = [split.examples[i] for i in kept]
         self._images = store
-        self._rows = np.asarray([rows[i] for i in kept], np.int64)
+        self._image_of = np.asarray([rows[i] for i in kept], np.int64)  # example -> image slot
         self._targets = encode_targets(
             tokenizer,
             [e.caption for e in self.examples],
@@ -75,11 +76,17 @@ class CaptionDataset:
         one-process run). With captions_per_image k, indices come image-major in groups of k
         sharing one image, and pixel_values holds each image once (len / k rows): the model
         encodes it once and its captions share it (see image_groups)."""
-        indices = np.asarray(indices)[process_rows(len(indices), self.process)]
-        pixels, failed = self._images.pixels_and_failures(self._rows[indices[::captions_per_image]])
-        failed = np.repeat(failed, captions_per_image)
+        rows = np.asarray(indices)[process_rows(len(indices), self.process)]
+        k = captions_per_image
+        return self._assemble(rows, k, *self._images.pixels_and_failures(self._image_of[rows[::k]]))
+
+    def _assemble(
+        self, rows: np.ndarray, k: int, pixels: np.ndarray, failed: np.ndarray
+    ) -> dict[str, np.ndarray]:
+        """The batch of examples `rows` (this process's), their images' pixels given."""
         out = {"pixel_values": pixels}
-        out.update({k: v[indices] for k, v in self._targets.items()})
+        out.update({key: v[rows] for key, v in self._targets.items()})
+        failed = np.repeat(failed, k)
         if failed.any():  # an image that broke only now: its row stays, its loss does not count
             out["decoder_attention_mask"] = out["decoder_attention_mask"] * ~failed[:, None]
         return out
@@ -88,20 +95,15 @@ class CaptionDataset:
         """One epoch as (images, k) example indices: every image once, in random order, with
         k of its captions (a random k when it has more, some repeated when it has fewer). A
         function of (seed, epoch) only, like epoch_order."""
-        rng = np.random.default_rng([seed, epoch, k])
-        picks = [
-            rng.permutation(g)[:k] if len(g) >= k else rng.choice(g, k, replace=True)
-            for g in self._captions_by_image
-        ]
-        return np.stack([picks[i] for i in rng.permutation(len(picks))])
+        return _image_groups(self._captions_by_image, k, seed, epoch)
 
     @functools.cached_property
     def _captions_by_image(self) -> list[np.ndarray]:
         """Example indices of each distinct image's captions, grouped once."""
-        if len(self._rows) == 0:
+        if len(self._image_of) == 0:
             return []
-        by_image = np.argsort(self._rows, kind="stable")
-        starts = np.flatnonzero(np.diff(self._rows[by_image])) + 1
+        by_image = np.argsort(self._image_of, kind="stable")
+        starts = np.flatnonzero(np.diff(self._image_of[by_image])) + 1
         return np.split(by_image, starts)
 
     def image_rows(self) -> tuple[np.ndarray, list[list[str]]]:
@@ -145,6 +147,15 @@ class CaptionDataset:
         if per_batch < 1 or units < per_batch:
             raise DataError(f"{units} {what} do not fill one batch of {per_batch}")
         return units // per_batch
+
+
+def _image_groups(captions_by_image: list[np.ndarray], k: int, seed: int, epoch: int) -> np.ndarray:
+    rng = np.random.default_rng([seed, epoch, k])
+    picks = [
+        rng.permutation(g)[:k] if len(g) >= k else rng.choice(g, k, replace=True)
+        for g in captions_by_image
+    ]
+    return np.stack([picks[i] for i in rng.permutation(len(picks))])
 
 
 CAPTIONS_PER_STEP = ("all", "sample")
@@ -239,23 +250,57 @@ def train_batches(
     k = captions_per_image
     # Checked here, before the first batch.
     steps = ds.steps_per_epoch(batch_size, k, captions_per_step)
-    by_image = _epoch_by_image(k, captions_per_step)
+    order = _TrainOrder(ds, batch_size, seed, start_step, steps, k, captions_per_step)
 
     def batches() -> Iterator[tuple[int, dict[str, np.ndarray]]]:
-        step, epoch, order = start_step, None, None
-        while True:
-            if step // steps != epoch:
-                epoch = step // steps
-                order = (
-                    ds.image_groups(k, seed, epoch).reshape(-1)
-                    if by_image
-                    else epoch_order(len(ds), seed, epoch)
-                )
-            position = (step % steps) * batch_size
-            yield step, ds.batch(order[position : position + batch_size], k)
-            step += 1
+        for i, (pixels, failed) in enumerate(ds._images.stream(order)):
+            yield start_step + i, ds._assemble(order.rows(i), k, pixels, failed)
 
     return _prefetch(batches(), prefetch)
+
+
+class _TrainOrder:
+    """The training batches from `start` as a sequence: [i] the image slots of this process's
+    rows of step start + i, rows(i) their examples. A function of i (built from the seed and
+    the epoch), so the decoding workers it is pickled to compute their own steps."""
+
+    def __init__(
+        self,
+        ds: CaptionDataset,
+        batch_size: int,
+        seed: int,
+        start: int,
+        steps: int,
+        k: int,
+        captions_per_step: str,
+    ) -> None:
+        self.batch_size, self.seed, self.start, self.steps, self.k = (
+            batch_size, seed, start, steps, k,
+        )  # fmt: skip
+        self.examples, self.process, self.slots = len(ds), ds.process, ds._image_of
+        by_image = _epoch_by_image(k, captions_per_step)
+        self.captions_by_image = ds._captions_by_image if by_image else None
+        self._epoch, self._order = None, None
+
+    def __len__(self) -> int:
+        return 2**62  # forever
+
+    def rows(self, i: int) -> np.ndarray:
+        """This process's example indices of step start + i."""
+        step = self.start + i
+        if step // self.steps != self._epoch:
+            self._epoch = step // self.steps
+            self._order = (
+                epoch_order(self.examples, self.seed, self._epoch)
+                if self.captions_by_image is None
+                else _image_groups(self.captions_by_image, self.k, self.seed, self._epoch)
+            ).reshape(-1)
+        position = (step % self.steps) * self.batch_size
+        batch = self._order[position : position + self.batch_size]
+        return batch[process_rows(self.batch_size, self.process)]
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.slots[self.rows(i)[:: self.k]]
 
 
 def eval_batches(
@@ -266,11 +311,16 @@ def eval_batches(
     one compiled shape. n_real counts the global batch's real rows; the batch holds this
     process's rows of it (ds.batch)."""
     rows = np.arange(len(ds)) if rows is None else np.asarray(rows)
+    blocks, counts = [], []
+    for start in range(0, len(rows), batch_size):
+        indices = rows[start : start + batch_size]
+        padded = np.concatenate([indices, np.full(batch_size - len(indices), indices[-1])])
+        blocks.append(padded[process_rows(batch_size, ds.process)])
+        counts.append(len(indices))
 
     def batches() -> Iterator[tuple[dict[str, np.ndarray], int]]:
-        for start in range(0, len(rows), batch_size):
-            indices = rows[start : start + batch_size]
-            padded = np.concatenate([indices, np.full(batch_size - len(indices), indices[-1])])
-            yield ds.batch(padded), len(indices)
+        images = ds._images.stream([ds._image_of[b] for b in blocks])
+        for b, n, (pixels, failed) in zip(blocks, counts, images, strict=True):
+            yield ds._assemble(b, 1, pixels, failed), n
 
     return _prefetch(batches(), 2)

@@ -1,18 +1,17 @@
-"""Images: files decoded and resized as `ImageProcessor` does, by worker processes that write
-into shared memory, and the `ImageStore` that holds a split's images (decoded once, all up
-front or as batches first ask for them, or per batch when they do not fit)."""
+"""Images: files decoded and resized as `ImageProcessor` does, in grain's worker processes
+(which hand the pixels back through shared memory), and the `ImageStore` that holds a split's
+images: decoded once, all up front or as batches first need them, or per batch when they do
+not fit."""
 
 from __future__ import annotations
 
-import collections
-import multiprocessing
+import functools
 import os
 import threading
 import time
-import weakref
-from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import shared_memory
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -39,141 +38,18 @@ def _reason(error: Exception) -> str:
     return str(error) if isinstance(error, ValueError) else f"{type(error).__name__}: {error}"
 
 
-def _decode_all(paths: Sequence[str], processor: ImageProcessor, out: np.ndarray) -> dict[int, str]:
-    """Decodes paths[i] into out[i]; returns {i: why} of those that failed (left as zeros)."""
+def _decode_all(
+    paths: Sequence[str], processor: ImageProcessor
+) -> tuple[np.ndarray, dict[int, str]]:
+    """(uint8 (n, H, W, 3), {i: why} of the files that failed, left as zeros)."""
+    out = np.zeros((len(paths), processor.height, processor.width, 3), np.uint8)
     failed = {}
     for i, path in enumerate(paths):
         try:
             out[i] = _decode(path, processor)
         except Exception as e:  # whatever goes wrong, it is this file's problem: report, go on
-            out[i] = 0
             failed[i] = _reason(e)
-    return failed
-
-
-# Worker processes -------------------------------------------------------------------------------
-# A worker holds numpy, PIL and the processor: no JAX state (the package imports jax, which is
-# never initialised there). It decodes into a block of shared memory that the parent made, so
-# pixels never go through a pipe; only file names go in and failures come back.
-
-_attached: dict[str, shared_memory.SharedMemory] = {}  # per worker: the blocks it has opened
-
-
-def _start_worker(max_image_pixels: int | None, parent: int) -> None:
-    Image.MAX_IMAGE_PIXELS = max_image_pixels  # the parent's limit; a new process has PIL's
-
-    def exit_with_parent() -> None:
-        # A SIGKILLed parent leaves no worker behind. (Not os.getppid(): a worker's parent is
-        # the fork server, which lives as long as its workers do.)
-        while True:
-            time.sleep(0.5)
-            try:
-                os.kill(parent, 0)
-            except ProcessLookupError:
-                os._exit(0)
-
-    threading.Thread(target=exit_with_parent, daemon=True).start()
-
-
-def _decode_into(
-    block: str, shape: tuple, start: int, paths: list[str], processor: ImageProcessor
-) -> dict[int, str]:
-    """Runs in a worker: decodes paths[i] into row start + i of the shared block; returns
-    {i: why} of those that failed."""
-    if block not in _attached:
-        _attached.clear()  # the parent has made a new block: the old one is gone
-        _attached[block] = shared_memory.SharedMemory(block)
-    rows = np.ndarray(shape, np.uint8, buffer=_attached[block].buf)
-    return _decode_all(paths, processor, rows[start:])
-
-
-def _process_context() -> multiprocessing.context.BaseContext:
-    # Not fork: the parent runs JAX's threads, and forking a multithreaded process can deadlock.
-    # A fork server is a fresh single-threaded process that imports this module once (and with
-    # the package, jax: imported, never initialised), so its forked workers start at once.
-    if "forkserver" in multiprocessing.get_all_start_methods():
-        context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload(["__main__", __name__])
-        return context
-    return multiprocessing.get_context("spawn")
-
-
-class Decoder:
-    """Decodes lists of files with `workers` processes (in this process when workers <= 1).
-
-    Workers write into a staging block of shared memory of `block_mb` MB, which the parent
-    copies out: its size does not grow with the split's (containers often have a small
-    /dev/shm). The block is unlinked when the decoder is closed or collected, and Python's
-    resource tracker unlinks it if this process is killed.
-    """
-
-    def __init__(self, processor: ImageProcessor, workers: int = 2, block_mb: float = 32):
-        self.processor, self.workers = processor, workers
-        self.decoded = 0  # images decoded so far (tests count them)
-        self._pool = self._block = None
-        if workers > 1:
-            self._pool = ProcessPoolExecutor(
-                workers,
-                mp_context=_process_context(),
-                initializer=_start_worker,
-                initargs=(Image.MAX_IMAGE_PIXELS, os.getpid()),
-            )
-            image = processor.height * processor.width * 3
-            images = max(workers, int(block_mb * 2**20) // image)
-            self._shape = (images, processor.height, processor.width, 3)
-            self._block = shared_memory.SharedMemory(create=True, size=int(np.prod(self._shape)))
-            self._release = weakref.finalize(self, _release, self._pool, self._block)
-
-    def decode(self, paths: Sequence[str]) -> tuple[np.ndarray, dict[int, str]]:
-        """(uint8 (n, H, W, 3), {i: why} of the files that failed, zeros in the array)."""
-        p = self.processor
-        out = np.zeros((len(paths), p.height, p.width, 3), np.uint8)
-        self.decoded += len(paths)
-        if self._pool is None:
-            return out, _decode_all(paths, p, out)
-        # The block is a ring of `capacity` rows that tasks of `step` images fill: a task is
-        # sent as soon as its rows are free, and its images copied out as soon as it is done
-        # (tasks finish about in order), so the workers never wait for a whole block.
-        failed: dict[int, str] = {}
-        block = np.ndarray(self._shape, np.uint8, buffer=self._block.buf)
-        step = max(1, min(16, -(-len(paths) // (self.workers * 4)), self._shape[0]))
-        capacity = self._shape[0] // step * step
-        pending: collections.deque = collections.deque()  # (first image, rows, task), in order
-        sent = 0
-        while sent < len(paths) or pending:
-            while sent < len(paths) and (not pending or sent + step - pending[0][0] <= capacity):
-                rows = slice(sent % capacity, sent % capacity + min(step, len(paths) - sent))
-                task = self._pool.submit(
-                    _decode_into, self._block.name, self._shape, rows.start,
-                    paths[sent : sent + step], p,
-                )  # fmt: skip
-                pending.append((sent, rows, task))
-                sent += step
-            first, rows, task = pending.popleft()
-            failed.update({first + i: why for i, why in task.result().items()})
-            out[first : first + rows.stop - rows.start] = block[rows]
-        return out, failed
-
-    def probe(self, paths: Sequence[str]) -> dict[int, str]:
-        """{i: why} of the files whose header cannot be read (see _probe), by the workers."""
-        if self._pool is None:
-            return _probe_all(paths)
-        size = max(1, min(1024, -(-len(paths) // (self.workers * 4))))  # balanced, few trips
-        starts = range(0, len(paths), size)
-        parts = self._pool.map(_probe_all, [paths[s : s + size] for s in starts])
-        found = zip(starts, parts, strict=True)
-        return {s + i: why for s, part in found for i, why in part.items()}
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._release()
-            self._pool = self._block = None
-
-
-def _release(pool: ProcessPoolExecutor, block: shared_memory.SharedMemory) -> None:
-    pool.shutdown(cancel_futures=True)
-    block.close()
-    block.unlink()
+    return out, failed
 
 
 def _probe(path: str) -> None:
@@ -187,13 +63,108 @@ def _probe(path: str) -> None:
 
 
 def _probe_all(paths: Sequence[str]) -> dict[int, str]:
-    failed = {}
-    for i, path in enumerate(paths):
+    """{i: why} of the files that fail _probe, by threads: reading headers waits on storage
+    (a network file system's latency), not on a core."""
+
+    def why(path: str) -> str | None:
         try:
             _probe(path)
         except Exception as e:  # this file's problem: report it, go on
-            failed[i] = _reason(e)
-    return failed
+            return _reason(e)
+        return None
+
+    with ThreadPoolExecutor(16) as pool:
+        reasons = pool.map(why, paths, chunksize=64)
+        return {i: r for i, r in enumerate(reasons) if r is not None}
+
+
+# Worker processes -------------------------------------------------------------------------------
+# grain's (`mp_prefetch`): fresh processes (spawned, not forked from a parent that runs JAX's
+# threads) that hold numpy, PIL and the processor, and no JAX state (the package imports jax,
+# which is never initialised there). Each computes its share of the tasks ahead of the consumer
+# and hands numpy results back through shared memory; only small values are pickled.
+
+
+def _exit_with_parent(worker: int, workers: int) -> None:
+    """grain's worker_init_fn: a SIGKILLed parent leaves no worker behind. (grain's own
+    workers go on without one, and hold the shared memory they write; once they exit, Python's
+    resource tracker unlinks it.)"""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(0.5)
+            if os.getppid() != parent:  # re-parented: the parent is gone
+                os._exit(0)
+
+    threading.Thread(target=watch, name="nnx-caption-exit-with-parent", daemon=True).start()
+
+
+def run_in_workers(fn: Callable[[Any], Any], tasks: Sequence, workers: int) -> Iterator[Any]:
+    """fn(task) for each of `tasks` in order: computed ahead by `workers` grain worker processes
+    (fn and tasks are pickled to each; a worker takes every workers-th task, in order), or
+    here, one task at a time, when workers is 0. The workers stop when the iterator is closed
+    or collected."""
+    if workers < 1:
+        yield from (fn(tasks[i]) for i in range(len(tasks)))
+        return
+    import grain
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():  # grain reads its settings from absl flags: the defaults
+        flags.FLAGS.mark_as_parsed()
+    options = grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2)
+    # One thread a worker (grain's default is a pool of them): a worker takes its tasks in
+    # order, which _FirstNeeds relies on; the workers are the parallelism.
+    read = grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)
+    dataset = grain.MapDataset.source(tasks).map(fn).to_iter_dataset(read)
+    results = iter(dataset.mp_prefetch(options, worker_init_fn=_exit_with_parent))
+    try:
+        yield from results
+    finally:
+        results.close()
+
+
+def _decode_slots(
+    slots: np.ndarray, paths: Sequence[str], processor: ImageProcessor, max_pixels: int | None
+) -> tuple[np.ndarray, dict[int, str]]:
+    """A task: the images paths[slots] (see _decode_all)."""
+    Image.MAX_IMAGE_PIXELS = max_pixels  # the parent's limit: a spawned worker has PIL's
+    return _decode_all([paths[s] for s in slots], processor)
+
+
+def _chunks(n: int, size: int) -> list[np.ndarray]:
+    return [np.arange(start, min(start + size, n)) for start in range(0, n, size)]
+
+
+class _FirstNeeds:
+    """A sequence of tasks: [i] the image slots (sorted, once each) that items[i] is the first
+    to need. Without a cache, all of its images; with one, those neither cached at the start
+    (`cached`) nor needed by an earlier item. It is a function of i, so each worker computes
+    its own share; asked in order it costs one pass over the items (a worker, asked every
+    workers-th index, computes the ones between: cheap next to decoding)."""
+
+    def __init__(self, items: Sequence[np.ndarray], cached: np.ndarray | None) -> None:
+        self.items, self._cached = items, cached
+        self._seen, self._next, self._last = None, 0, None
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        if self._cached is None:
+            return np.unique(self.items[i])
+        if i == self._next - 1:
+            return self._last
+        if self._seen is None or i < self._next:  # from the start
+            self._seen, self._next = self._cached.copy(), 0
+        for j in range(self._next, i):
+            self._seen[self.items[j]] = True
+        slots = np.unique(self.items[i])
+        self._last = slots[~self._seen[slots]]
+        self._seen[slots] = True
+        self._next = i + 1
+        return self._last
 
 
 class ImageStore:
@@ -202,10 +173,11 @@ class ImageStore:
     - cache and preload (one process, the split fits): every image decoded now, so that later
       epochs decode nothing and a broken file is skipped before training;
     - cache without preload (each process of a multi-host run): each image decoded the first
-      time a batch of this process asks for it, then kept; this process decodes and holds only
+      time a batch of this process needs it, then kept; this process decodes and holds only
       the images its rows were given (the cache's pages are touched only for those);
-    - no cache (larger than memory): each batch decoded when asked for.
+    - no cache (larger than memory): each batch decoded when it comes.
 
+    Batch streams (`stream`) decode in `workers` grain processes ahead of the consumer.
     Without preload only the headers are read up front (every process reads the same ones, so
     all agree on the rows); an image that fails later comes back as zeros and is reported in
     `late_failures`.
@@ -219,60 +191,86 @@ class ImageStore:
         cache: bool = True,
         preload: bool = True,
     ) -> None:
-        self.processor, self.cache = processor, cache
+        self.processor, self.cache, self.workers = processor, cache, workers
         self._paths = list(paths)
         n = len(paths)
+        self.decoded = 0  # images this process has decoded, up front and for batches
         self.late_failures: list[tuple[str, str]] = []
-        self._decoder = Decoder(processor, workers)
         self._images = (
             np.zeros((n, processor.height, processor.width, 3), np.uint8) if cache else None
         )
         self._have = np.zeros(n, bool)  # decoded into the cache
         self._broken = np.zeros(n, bool)  # failed when a batch decoded it
         if cache and preload:
-            self.reasons = self._decode_into_cache(np.arange(n))
-            self.close()  # everything is decoded: the workers are done
+            self.reasons = {}
+            for slots, found in zip(_chunks(n, 16), self._decoded(_chunks(n, 16)), strict=True):
+                self.reasons.update(self._keep(slots, *found))
         else:
-            self.reasons = self._decoder.probe(self._paths)
+            self.reasons = _probe_all(self._paths)
         self.ok = np.ones(n, bool)
         self.ok[list(self.reasons)] = False
-
-    @property
-    def decoded(self) -> int:
-        """Images this process has decoded (up front and for batches)."""
-        return self._decoder.decoded
-
-    def _decode_into_cache(self, slots: np.ndarray) -> dict[int, str]:
-        images, failed = self._decoder.decode([self._paths[i] for i in slots])
-        self._images[slots] = images
-        self._have[slots] = True
-        return {int(slots[i]): why for i, why in failed.items()}
 
     def __len__(self) -> int:
         return len(self._paths)
 
-    def pixels(self, indices: np.ndarray) -> np.ndarray:
-        """float32 (n, H, W, 3), equal to the processor's output on the same files."""
-        return self.pixels_and_failures(indices)[0]
+    def _decoded(self, tasks: Sequence[np.ndarray]) -> Iterator[tuple[np.ndarray, dict]]:
+        decode = functools.partial(
+            _decode_slots,
+            paths=self._paths,
+            processor=self.processor,
+            max_pixels=Image.MAX_IMAGE_PIXELS,
+        )
+        return run_in_workers(decode, tasks, self.workers)
 
-    def pixels_and_failures(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(pixels, failed): failed marks images that could not be decoded (zeros instead)."""
-        indices = np.asarray(indices, np.int64)
+    def _keep(self, slots: np.ndarray, images: np.ndarray, failed: dict) -> dict[int, str]:
+        """Puts decoded images into the cache; {slot: why} of those that failed."""
+        self.decoded += len(slots)
         if self.cache:
-            missing = np.unique(indices[~self._have[indices]])
-            if len(missing):
-                self._late(self._decode_into_cache(missing))
-            return self.processor.normalize(self._images[indices]), self._broken[indices]
-        images, failed = self._decoder.decode([self._paths[i] for i in indices])
-        self._late({int(indices[i]): why for i, why in failed.items()})
-        return self.processor.normalize(images), self._broken[indices]
+            self._images[slots] = images
+            self._have[slots] = True
+        return {int(slots[i]): why for i, why in failed.items()}
+
+    def pixels(self, slots: np.ndarray) -> np.ndarray:
+        """float32 (n, H, W, 3), equal to the processor's output on the same files."""
+        return self.pixels_and_failures(slots)[0]
+
+    def pixels_and_failures(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(pixels, failed): failed marks images that could not be decoded (zeros instead).
+        What is not cached is decoded here, now."""
+        slots = np.asarray(slots, np.int64)
+        missing = np.unique(slots[~self._have[slots]] if self.cache else slots)
+        decoded = None
+        if len(missing):
+            decoded = _decode_slots(missing, self._paths, self.processor, Image.MAX_IMAGE_PIXELS)
+        return self._pixels(slots, missing, decoded)
+
+    def _pixels(
+        self, slots: np.ndarray, fresh: np.ndarray, decoded: tuple[np.ndarray, dict] | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The batch of `slots`, from the cache or from `decoded`, the images of `fresh`
+        (sorted) just decoded."""
+        if decoded is not None:
+            self._late(self._keep(fresh, *decoded))
+        if self.cache:
+            images = self._images[slots]
+        else:
+            images = decoded[0][np.searchsorted(fresh, slots)]
+        return self.processor.normalize(images), self._broken[slots]
+
+    def stream(self, items: Sequence[np.ndarray]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """pixels_and_failures of items[0], items[1], ... (the image slots of each batch),
+        what they need decoded by the workers ahead of the consumer. items is pickled to the
+        workers: a list, or a sequence that computes items[i] from i."""
+        if self.cache and self._have.all():  # preloaded: nothing to decode
+            yield from (self.pixels_and_failures(items[i]) for i in range(len(items)))
+            return
+        needs = _FirstNeeds(items, self._have.copy() if self.cache else None)
+        for i, decoded in enumerate(self._decoded(needs)):
+            # needs[i] again, here: the workers' copies computed it there
+            yield self._pixels(np.asarray(items[i], np.int64), needs[i], decoded)
 
     def _late(self, failed: dict[int, str]) -> None:
         for slot, why in failed.items():
             if not self._broken[slot]:  # reported once
                 self.late_failures.append((self._paths[slot], why))
             self._broken[slot] = True
-
-    def close(self) -> None:
-        """Stops the workers (a later batch that needs an image decodes it in this process)."""
-        self._decoder.close()

@@ -62,7 +62,7 @@ def _dataset(tmp_path: Path, tokenizer, n: int = 10, length: int = 8) -> Caption
         [[f"images/{name}", f"caption {i}"] for i, name in enumerate(names)],
     )
     split = load_split(str(table))
-    return CaptionDataset(split, ImageProcessor(size=8), tokenizer, length, START, PAD, workers=1)
+    return CaptionDataset(split, ImageProcessor(size=8), tokenizer, length, START, PAD, workers=0)
 
 
 # -- reading tables ----------------------------------------------------------------------------
@@ -203,7 +203,7 @@ def _modes(folder: Path) -> dict[str, str]:
     }
 
 
-@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("workers", [0, 2])
 def test_image_store_equals_the_processor_for_every_mode(tmp_path, processor, workers):
     modes = _modes(tmp_path)
     paths = [str(tmp_path / name) for name in modes]
@@ -217,19 +217,28 @@ def test_image_store_equals_the_processor_for_every_mode(tmp_path, processor, wo
     np.testing.assert_array_equal(store.pixels(np.array([3, 0, 3])), expected[[3, 0, 3]])
 
 
-def test_workers_decode_through_a_small_shared_ring_as_one_process_does(tmp_path, processor):
-    """Workers write into a shared block used as a ring (here of a few images, so that it
-    wraps many times): the same pixels and failures, at the same indices, as decoding here."""
-    paths = [str(tmp_path / n) for n in _images(tmp_path, 60)]  # tasks of 8 > the ring's 5
-    for broken in (3, 20):
-        Path(paths[broken]).write_bytes(b"not an image")
-    here, here_failed = data.Decoder(processor, workers=0).decode(paths)
-    ring = data.Decoder(processor, workers=2, block_mb=5 * 12 * 12 * 3 / 2**20)  # 5 images
-    assert ring._shape[0] == 5
-    got, got_failed = ring.decode(paths)
-    ring.close()
-    np.testing.assert_array_equal(got, here)
-    assert got_failed.keys() == here_failed.keys() == {3, 20}
+def test_workers_decode_as_this_process_does(tmp_path, processor):
+    """grain's workers give the same pixels and failures, at the same indices, as decoding
+    here: up front, and in batch streams (items out of order, repeated, split between the
+    workers) with a cache filled as they go, each image decoded once, or without one."""
+    paths = [str(tmp_path / n) for n in _images(tmp_path, 40)]
+    for broken in (3, 20):  # the header reads, the data is cut: found only by decoding
+        whole = Path(paths[broken]).read_bytes()
+        Path(paths[broken]).write_bytes(whole[: len(whole) // 2])
+    here = ImageStore(paths, processor, workers=0)
+    there = ImageStore(paths, processor, workers=2)
+    np.testing.assert_array_equal(there._images, here._images)
+    assert there.reasons.keys() == here.reasons.keys() == {3, 20} and there.decoded == 40
+    items = [np.array([(7 * i) % 40, (3 * i + 1) % 40, (7 * i) % 40]) for i in range(30)]
+    for cache in (True, False):
+        store = ImageStore(paths, processor, workers=2, cache=cache, preload=False)
+        assert store.decoded == 0 and store.reasons == {}  # headers only: both read fine
+        for item, (pixels, failed) in zip(items, store.stream(items), strict=True):
+            np.testing.assert_array_equal(pixels, here.pixels(item))
+            np.testing.assert_array_equal(failed, np.isin(item, [3, 20]))
+        needed = len(np.unique(np.concatenate(items)))
+        assert store.decoded == (needed if cache else sum(len(np.unique(i)) for i in items))
+        assert {p for p, _ in store.late_failures} == {paths[3], paths[20]}
 
 
 def test_bad_images_are_dropped_with_reasons(tmp_path, tokenizer, monkeypatch):
@@ -326,10 +335,10 @@ def test_batches_of_images_with_several_captions(tmp_path, tokenizer):
             for j in range(counts[i])]  # fmt: skip
     table = _write_csv(tmp_path / "t.csv", ["image", "caption"], rows)
     processor = ImageProcessor(size=8)
-    ds = CaptionDataset(load_split(str(table)), processor, tokenizer, 8, START, PAD, workers=1)
+    ds = CaptionDataset(load_split(str(table)), processor, tokenizer, 8, START, PAD, workers=0)
     assert ds.images == 5 and ds.steps_per_epoch(4, 2) == 2  # 2 images a batch, one left over
     run = list(itertools.islice(data.train_batches(ds, 4, seed=3, captions_per_image=2), 6))
-    store = ImageStore([str(tmp_path / "images" / n) for n in names], processor, workers=1)
+    store = ImageStore([str(tmp_path / "images" / n) for n in names], processor, workers=0)
     for epoch in range(3):
         groups = ds.image_groups(2, 3, epoch)
         assert sorted(ds.examples[g[0]].image for g in groups) == sorted(
@@ -368,11 +377,11 @@ def test_each_process_gets_and_decodes_only_its_rows(tmp_path, tokenizer):
     make = lambda process, workers: CaptionDataset(  # noqa: E731
         split, ImageProcessor(size=8), tokenizer, 8, START, PAD, workers, process=process
     )
-    whole = make((0, 1), 1)
+    whole = make((0, 1), 0)
     assert whole.decoded == 16  # one process: every image up front
     one = list(itertools.islice(data.train_batches(whole, 4, seed=2), 4))  # one epoch
     seen = set()
-    for index, workers in ((0, 2), (1, 1)):
+    for index, workers in ((0, 2), (1, 0)):  # grain's workers, and none
         part = make((index, 2), workers)
         assert part.decoded == 0  # nothing up front
         mine = list(itertools.islice(data.train_batches(part, 4, seed=2, prefetch=0), 4))
@@ -385,7 +394,7 @@ def test_each_process_gets_and_decodes_only_its_rows(tmp_path, tokenizer):
         assert part.decoded <= 16 and len(again) == 4  # epoch 2 decodes only images new to it
     assert len(seen) == 16  # between them, every image of the epoch
     with pytest.raises(DataError, match="does not split over 2 processes"):
-        make((0, 2), 1).batch(np.arange(3))
+        make((0, 2), 0).batch(np.arange(3))
 
 
 def test_sampled_captions_cover_every_image_once_an_epoch(tmp_path, tokenizer):
@@ -418,14 +427,29 @@ def test_sampled_captions_cover_every_image_once_an_epoch(tmp_path, tokenizer):
 
 
 SIGKILLED = """
-import sys, time
+import os, sys, time
+import numpy as np
 from nnx_caption.data import ImageStore
 from nnx_caption.processing import ImageProcessor
-store = ImageStore(sys.argv[1:], ImageProcessor(size=8), workers=2, preload=False)
-store.pixels([0, 1, 2, 3])  # the workers are up, the shared block in use
-print(store._decoder._block.name, *[p.pid for p in store._decoder._pool._processes.values()])
-sys.stdout.flush()
-time.sleep(600)
+class Forever:  # batches of one image, without end
+    def __len__(self):
+        return 2**62
+
+    def __getitem__(self, i):
+        return np.array([i % 4])
+
+if __name__ == "__main__":
+    store = ImageStore(sys.argv[1:], ImageProcessor(size=8), workers=2, cache=False)
+    stream = store.stream(Forever())
+    next(stream)  # the workers are up, decoding ahead into shared memory
+    time.sleep(1)
+    children = os.popen(f"pgrep -P {os.getpid()} -f spawn_main").read().split()
+    workers = [c for c in children if open(f"/proc/{c}/stat").read().split()[2] != "Z"]
+    held = set()  # the shared memory that this process and its workers have open
+    for pid in [os.getpid(), *workers]:
+        held |= {line.split()[-1] for line in open(f"/proc/{pid}/maps") if "/dev/shm/psm" in line}
+    print(" ".join(workers), "|", " ".join(held), flush=True)
+    time.sleep(600)
 """
 
 
@@ -437,9 +461,11 @@ def test_a_sigkilled_parent_leaves_no_workers_or_shared_memory(tmp_path):
     import time
 
     paths = [str(tmp_path / n) for n in _images(tmp_path, 4)]
-    child = subprocess.Popen([sys.executable, "-c", SIGKILLED, *paths], stdout=subprocess.PIPE)
-    block, *workers = child.stdout.readline().decode().split()
-    assert len(workers) == 2 and os.path.exists(f"/dev/shm/{block}")
+    script = tmp_path / "sigkilled.py"  # a file: spawned workers re-import the main module
+    script.write_text(SIGKILLED)
+    child = subprocess.Popen([sys.executable, str(script), *paths], stdout=subprocess.PIPE)
+    workers, held = (part.split() for part in child.stdout.readline().decode().split("|"))
+    assert len(workers) >= 2 and held and all(os.path.exists(block) for block in held)
     child.send_signal(signal.SIGKILL)
     child.wait()
 
@@ -455,13 +481,13 @@ def test_a_sigkilled_parent_leaves_no_workers_or_shared_memory(tmp_path):
         )
         return state not in "ZX"  # a zombie has exited
 
+    def left() -> list[str]:
+        return [w for w in workers if alive(w)] + [b for b in held if os.path.exists(b)]
+
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and (
-        any(alive(w) for w in workers) or os.path.exists(f"/dev/shm/{block}")
-    ):
+    while time.monotonic() < deadline and left():
         time.sleep(0.2)
-    assert not any(alive(w) for w in workers), "workers outlived their killed parent"
-    assert not os.path.exists(f"/dev/shm/{block}"), "the shared block was left in /dev/shm"
+    assert not left(), "workers or shared memory outlived their killed parent"
 
 
 def test_train_batches_stop_their_thread_and_need_a_full_batch(tmp_path, tokenizer):
@@ -510,7 +536,7 @@ def test_uncached_images_decode_per_batch_and_mask_late_failures(tmp_path):
         max_target_length=8,
         decoder_start_token_id=tok.eos_token_id,
         pad_token_id=tok.eos_token_id,
-        workers=1,
+        workers=0,
     )
     cached = CaptionDataset(split, proc, tok, **kw)
     lazy = CaptionDataset(split, proc, tok, cache_limit_bytes=0, **kw)
@@ -550,7 +576,7 @@ def test_coco_captions_file(tmp_path, tokenizer, processor):
     split = load_split(str(path), data_dir=str(image_dir))
     assert split.examples == want and not split.skipped
     # Evaluation captions each image once, against all five of its references.
-    ds = CaptionDataset(split, processor, tokenizer, 8, START, PAD, workers=1)
+    ds = CaptionDataset(split, processor, tokenizer, 8, START, PAD, workers=0)
     rows, references = ds.image_rows()
     assert [ds.examples[r].image for r in rows] == [e.image for e in want[:3]]
     assert references == [[f"image {i} caption {k}" for k in range(5)] for i in range(3)]
