@@ -6,6 +6,7 @@ not fit."""
 from __future__ import annotations
 
 import functools
+import gc
 import os
 import threading
 import time
@@ -123,6 +124,11 @@ def run_in_workers(fn: Callable[[Any], Any], tasks: Sequence, workers: int) -> I
         yield from results
     finally:
         results.close()
+        del results
+        # grain's iterators hold reference cycles, and through them the last shared-memory
+        # array of each worker: collected now, those are unlinked now, not by Python's
+        # resource tracker at exit (with a warning of leaked shared memory).
+        gc.collect()
 
 
 def _decode_slots(

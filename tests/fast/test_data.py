@@ -490,6 +490,37 @@ def test_a_sigkilled_parent_leaves_no_workers_or_shared_memory(tmp_path):
     assert not left(), "workers or shared memory outlived their killed parent"
 
 
+CLEAN_EXIT = """
+import gc, sys
+import numpy as np
+from nnx_caption.data import ImageStore
+from nnx_caption.processing import ImageProcessor
+if __name__ == "__main__":
+    gc.disable()  # what is freed is freed by the pipeline, not by a collection that happened
+    store = ImageStore(sys.argv[1:], ImageProcessor(size=8), workers=2)  # decoded up front
+    lazy = ImageStore(sys.argv[1:], ImageProcessor(size=8), workers=2, preload=False)
+    stream = lazy.stream([np.array([i % 4]) for i in range(50)])
+    next(stream)
+    stream.close()  # stopped early, as a run's last batches are
+    print(sum("/dev/shm/psm" in line for line in open("/proc/self/maps")))
+"""
+
+
+def test_workers_leave_no_shared_memory_behind_at_exit(tmp_path):
+    """Every shared-memory block the workers hand over is unlinked when its pipeline ends,
+    whole or stopped early: Python's resource tracker finds none left to warn of at exit."""
+    import subprocess
+    import sys
+
+    paths = [str(tmp_path / n) for n in _images(tmp_path, 4)]
+    script = tmp_path / "clean_exit.py"
+    script.write_text(CLEAN_EXIT)
+    done = subprocess.run([sys.executable, str(script), *paths], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["0"], "shared memory still mapped after the pipelines ended"
+    assert "leaked" not in done.stderr, done.stderr[-2000:]
+
+
 def test_train_batches_stop_their_thread_and_need_a_full_batch(tmp_path, tokenizer):
     ds = _dataset(tmp_path, tokenizer, n=4)
     before = threading.active_count()

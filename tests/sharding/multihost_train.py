@@ -6,6 +6,8 @@ on the caption table DATA with a global batch of 8:
                                                             # then a checkpoint in OUT's folder
     python multihost_train.py restore DATA OUT DEVICES      # that checkpoint on 1 process with
                                                             # DEVICES devices, then step 4
+    python multihost_train.py preempt DATA OUT PORT PROCESS_ID  # 2 x 2 devices: steps until
+                                                            # SIGTERM, then a checkpoint
 
 The two processes talk through jax.distributed with gloo collectives; each decodes only its
 rows of every global batch (data.CaptionDataset with process=(index, 2)).
@@ -15,7 +17,7 @@ import os
 import sys
 
 mode = sys.argv[1]
-devices = int(sys.argv[-1]) if mode == "restore" else {"one": 1, "two": 2}[mode]
+devices = int(sys.argv[-1]) if mode == "restore" else {"one": 1, "two": 2, "preempt": 2}[mode]
 flags = os.environ.get("XLA_FLAGS", "")
 os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}"
 os.environ["JAX_PLATFORMS"] = "cpu"
@@ -28,6 +30,7 @@ from jax.experimental import multihost_utils  # noqa: E402
 import nnx_caption as nc  # noqa: E402
 from nnx_caption import data  # noqa: E402
 from nnx_caption.hf import path_str  # noqa: E402
+from nnx_caption.preemption import Preemption  # noqa: E402
 from nnx_caption.processing import ImageProcessor, Tokenizer  # noqa: E402
 from nnx_caption.sharding import make_mesh, scalar  # noqa: E402
 from nnx_caption.train import TrainConfig, Trainer, checkpoints  # noqa: E402
@@ -46,7 +49,7 @@ def gathered(x) -> np.ndarray:
 def main() -> None:
     table, out = sys.argv[2], sys.argv[3]
     process, processes = 0, 1
-    if mode == "two":
+    if mode in ("two", "preempt"):
         port, process = sys.argv[4], int(sys.argv[5])
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(
@@ -57,7 +60,7 @@ def main() -> None:
     # Saved from (data 2, fsdp 2) over two processes; restored on one device, or on (fsdp 4).
     mesh = None
     if jax.device_count() == 4:
-        mesh = make_mesh(data=2, fsdp=2) if mode == "two" else make_mesh(data=1, fsdp=4)
+        mesh = make_mesh(data=1, fsdp=4) if mode == "restore" else make_mesh(data=2, fsdp=2)
     model = nc.from_pretrained(TINY, mesh=mesh)
     trainer = Trainer(model, CFG, mesh)
     ds = data.CaptionDataset(
@@ -71,6 +74,8 @@ def main() -> None:
         process=(process, processes),
     )
     ckpt_dir = os.path.join(os.path.dirname(out), "checkpoints")
+    if mode == "preempt":
+        return preempt(trainer, ds, ckpt_dir)
     start = 0
     if mode == "restore":
         start = trainer.restore(checkpoints(ckpt_dir)[-1])["step"]
@@ -94,6 +99,24 @@ def main() -> None:
     decodes = gathered(np.array([decoded]))
     if process == 0:
         np.savez(out, losses=np.array(losses), decoded=decodes, **results)
+
+
+def preempt(trainer: Trainer, ds, ckpt_dir: str) -> None:
+    """Steps until SIGTERM reaches either process: both stop after the same step, and save it
+    (the train loop's steps, without the rest of the command)."""
+    batches = data.train_batches(ds, BATCH, CFG.seed, prefetch=0)
+    with Preemption() as preemption:
+        step = 0
+        while True:
+            trainer.train_step(next(batches)[1])
+            step += 1
+            if step == 1:
+                print("ready", flush=True)  # compiled and stepping: send SIGTERM now
+            if preemption.stop_now(step):
+                break
+    trainer.save(ckpt_dir)
+    trainer.wait()
+    print("stopped", step, flush=True)
 
 
 def evaluation(trainer: Trainer, ds, mesh, at: str) -> dict:

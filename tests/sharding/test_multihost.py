@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import pathlib
+import signal
 import socket
 import subprocess
 import sys
@@ -30,10 +31,11 @@ def _run(*args: str) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
 
 
-def test_two_processes_equal_one_and_restore_on_other_meshes(tmp_path):
-    rng = np.random.default_rng(0)
+def _table(tmp_path: pathlib.Path, images: int, seed: int) -> pathlib.Path:
+    """A caption table of `images` random PNGs."""
+    rng = np.random.default_rng(seed)
     rows = []
-    for i in range(IMAGES):
+    for i in range(images):
         path = tmp_path / "images" / f"{i}.png"
         path.parent.mkdir(exist_ok=True)
         Image.fromarray(rng.integers(0, 256, (40, 36, 3), np.uint8)).save(path)
@@ -41,21 +43,29 @@ def test_two_processes_equal_one_and_restore_on_other_meshes(tmp_path):
     table = tmp_path / "train.csv"
     with open(table, "w", newline="") as f:
         csv.writer(f).writerows([["image", "caption"], *rows])
+    return table
 
-    for name in ("one", "two", "1", "4"):
-        (tmp_path / name).mkdir()
-    _run("one", str(table), str(tmp_path / "one" / "out.npz"))
+
+def _two_processes(mode: str, table: pathlib.Path, out: str) -> list[subprocess.Popen]:
     port = str(free_port())
-    two_out = str(tmp_path / "two" / "out.npz")
-    procs = [
+    return [
         subprocess.Popen(
-            [sys.executable, str(SCRIPT), "two", str(table), two_out, port, str(i)],
+            [sys.executable, str(SCRIPT), mode, str(table), out, port, str(i)],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
         for i in range(2)
     ]
+
+
+def test_two_processes_equal_one_and_restore_on_other_meshes(tmp_path):
+    table = _table(tmp_path, IMAGES, seed=0)
+    for name in ("one", "two", "1", "4"):
+        (tmp_path / name).mkdir()
+    _run("one", str(table), str(tmp_path / "one" / "out.npz"))
+    two_out = str(tmp_path / "two" / "out.npz")
+    procs = _two_processes("two", table, two_out)
     for p in procs:
         _, err = p.communicate(timeout=600)
         assert p.returncode == 0, err[-3000:]
@@ -79,3 +89,30 @@ def test_two_processes_equal_one_and_restore_on_other_meshes(tmp_path):
             np.testing.assert_allclose(resumed[name], one[name], atol=1e-2, err_msg=name)
         np.testing.assert_allclose(resumed["losses"], one["losses"][3:], rtol=1e-4)
         assert abs(resumed["eval_4"] - one["eval_4"]) <= 0.02 * one["eval_4"]
+
+
+def test_sigterm_on_one_process_stops_both_at_one_step_with_a_checkpoint(tmp_path):
+    """SIGTERM to one of two processes: JAX's preemption service picks one step, both stop
+    after it and save it (each its own shards), and both exit 0: neither waits for the other
+    in a collective."""
+    table = _table(tmp_path, 16, seed=1)
+    (tmp_path / "run").mkdir()
+    procs = _two_processes("preempt", table, str(tmp_path / "run" / "out.npz"))
+    try:
+        for p in procs:  # gloo writes its own lines to stdout too
+            while (line := p.stdout.readline()) and line.strip() != "ready":
+                pass
+            assert line, "a process ended before stepping"
+        procs[1].send_signal(signal.SIGTERM)
+        outs = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    stops = {line.split()[-1] for out, _ in outs for line in out.splitlines() if "stopped" in line}
+    assert len(stops) == 1, stops  # one step for both
+    (step,) = stops
+    saved = tmp_path / "run" / "checkpoints" / f"step_{int(step):08d}"
+    shards = sorted(p.name for p in saved.rglob("*") if "ocdbt.process_" in p.name)
+    assert shards == ["ocdbt.process_0", "ocdbt.process_1"], shards
