@@ -209,7 +209,8 @@ class ImageStore:
         self._broken = np.zeros(n, bool)  # failed when a batch decoded it
         if cache and preload:
             self.reasons = {}
-            for slots, found in zip(_chunks(n, 16), self._decoded(_chunks(n, 16)), strict=True):
+            chunks = _chunks(n, 16)
+            for slots, found in zip(chunks, self._decoded(chunks), strict=True):
                 self.reasons.update(self._keep(slots, *found))
         else:
             self.reasons = _probe_all(self._paths)
