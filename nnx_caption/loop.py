@@ -462,7 +462,7 @@ def train_loop(
             saved = a.save_steps and done % a.save_steps == 0
             if saved:
                 _save(trainer, ckpt_dir, a, global_batch)
-            if preemption.stop_now(done):  # SIGTERM: stop here, saved, and say how to go on
+            if preemption.stop_now():  # SIGTERM: stop here, saved, and say how to go on
                 if not saved:
                     _save(trainer, ckpt_dir, a, global_batch)
                 trainer.wait()

@@ -15,28 +15,16 @@ class Preempted(Exception):
 
 
 class Preemption:
-    """`with Preemption() as p:` notes SIGTERM; `p.stop_now(step)` at each step boundary says
-    whether to stop there.
-
-    In a multi-process run every process must stop at the same step (the others would wait for
-    it in the next collective). JAX's preemption service agrees on it: `jax.distributed`
-    catches SIGTERM on any host and the coordination service picks the step after the
-    furthest host's; until then a check is local, with no collective and no wait for the
-    devices. (Where that service is off, the processes agree by an all-gather at every step.)
-    """
+    """`with Preemption() as p:` notes SIGTERM; `p.stop_now()` at a step boundary says whether
+    to stop there. In a multi-process run every process must stop at the same step (the others
+    would wait for it in the next collective), so the processes agree by an all-gather."""
 
     def __init__(self) -> None:
         self.asked = False
         self._previous = None
-        self._service = False
 
     def __enter__(self) -> Preemption:
-        if jax.process_count() > 1:
-            from jax._src import distributed
-
-            self._service = distributed.global_state.preemption_sync_manager is not None
-        # The service's own SIGTERM handler must stay; signals reach the main thread only.
-        if not self._service and threading.current_thread() is threading.main_thread():
+        if threading.current_thread() is threading.main_thread():  # signals reach it only
             self._previous = signal.signal(signal.SIGTERM, self._note)
         return self
 
@@ -47,12 +35,9 @@ class Preemption:
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
 
-    def stop_now(self, step: int) -> bool:
-        """Whether to stop after `step` (every process gets the same answer)."""
+    def stop_now(self) -> bool:
+        if jax.process_count() == 1:
+            return self.asked
         from jax.experimental import multihost_utils
 
-        if self._service:
-            self.asked = multihost_utils.reached_preemption_sync_point(step)
-        elif jax.process_count() > 1:
-            self.asked = bool(multihost_utils.process_allgather(np.int32(self.asked)).max())
-        return self.asked
+        return bool(multihost_utils.process_allgather(np.int32(self.asked)).max())

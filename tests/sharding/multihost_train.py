@@ -112,7 +112,7 @@ def preempt(trainer: Trainer, ds, ckpt_dir: str) -> None:
             step += 1
             if step == 1:
                 print("ready", flush=True)  # compiled and stepping: send SIGTERM now
-            if preemption.stop_now(step):
+            if preemption.stop_now():
                 break
     trainer.save(ckpt_dir)
     trainer.wait()

@@ -92,9 +92,8 @@ def test_two_processes_equal_one_and_restore_on_other_meshes(tmp_path):
 
 
 def test_sigterm_on_one_process_stops_both_at_one_step_with_a_checkpoint(tmp_path):
-    """SIGTERM to one of two processes: JAX's preemption service picks one step, both stop
-    after it and save it (each its own shards), and both exit 0: neither waits for the other
-    in a collective."""
+    """SIGTERM to one of two processes: they agree on one step, both stop after it and save
+    it (each its own shards), and both exit 0: neither waits for the other in a collective."""
     table = _table(tmp_path, 16, seed=1)
     (tmp_path / "run").mkdir()
     procs = _two_processes("preempt", table, str(tmp_path / "run" / "out.npz"))
