@@ -86,19 +86,31 @@ def _probe_all(paths: Sequence[str]) -> dict[int, str]:
 # and hands numpy results back through shared memory; only small values are pickled.
 
 
-def _exit_with_parent(worker: int, workers: int) -> None:
-    """grain's worker_init_fn: a SIGKILLed parent leaves no worker behind. (grain's own
-    workers go on without one, and hold the shared memory they write; once they exit, Python's
-    resource tracker unlinks it.)"""
-    parent = os.getppid()
+def _exit_with_parent(worker: int, workers: int, parent: int) -> None:
+    """grain's worker_init_fn (with `parent`, the pid of the process that starts the workers,
+    bound there): a SIGKILLed parent leaves no worker behind. (grain's own workers go on
+    without one, and hold the shared memory they write; once they exit, Python's resource
+    tracker unlinks it.) The parent's pid comes from the parent, not from getppid() here: a
+    parent killed while this worker was still starting has already left it re-parented."""
 
     def watch() -> None:
-        while True:
+        while os.getppid() == parent:
             time.sleep(0.5)
-            if os.getppid() != parent:  # re-parented: the parent is gone
-                os._exit(0)
+        os._exit(0)  # re-parented: the parent is gone
 
     threading.Thread(target=watch, name="nnx-caption-exit-with-parent", daemon=True).start()
+
+
+def _drain_shared_memory_deletes() -> None:
+    """Waits for grain's unmapping of the shared-memory arrays already dropped: grain hands
+    that to a one-thread pool (SharedMemoryArray.enable_async_del(1)), so a task queued now
+    runs after them. Without it a pipeline's last blocks may still be mapped when it has
+    ended, and unlinked only at exit (by the resource tracker, with a warning)."""
+    from grain._src.python.ipc.shared_memory_array import SharedMemoryArray
+
+    pool = getattr(SharedMemoryArray, "_del_thread_pool", None)
+    if pool is not None:
+        pool.apply(int)
 
 
 def run_in_workers(fn: Callable[[Any], Any], tasks: Sequence, workers: int) -> Iterator[Any]:
@@ -119,7 +131,8 @@ def run_in_workers(fn: Callable[[Any], Any], tasks: Sequence, workers: int) -> I
     # order, which _FirstNeeds relies on; the workers are the parallelism.
     read = grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)
     dataset = grain.MapDataset.source(tasks).map(fn).to_iter_dataset(read)
-    results = iter(dataset.mp_prefetch(options, worker_init_fn=_exit_with_parent))
+    init = functools.partial(_exit_with_parent, parent=os.getpid())
+    results = iter(dataset.mp_prefetch(options, worker_init_fn=init))
     try:
         yield from results
     finally:
@@ -129,6 +142,7 @@ def run_in_workers(fn: Callable[[Any], Any], tasks: Sequence, workers: int) -> I
         # array of each worker: collected now, those are unlinked now, not by Python's
         # resource tracker at exit (with a warning of leaked shared memory).
         gc.collect()
+        _drain_shared_memory_deletes()
 
 
 def _decode_slots(
@@ -210,8 +224,10 @@ class ImageStore:
         if cache and preload:
             self.reasons = {}
             chunks = _chunks(n, 16)
-            for slots, found in zip(chunks, self._decoded(chunks), strict=True):
-                self.reasons.update(self._keep(slots, *found))
+            decoded = self._decoded(chunks)  # not zipped: zip keeps its last tuple (see stream)
+            for slots in chunks:
+                self.reasons.update(self._keep(slots, *next(decoded)))
+            decoded.close()  # the workers end now, and with them their shared memory
         else:
             self.reasons = _probe_all(self._paths)
         self.ok = np.ones(n, bool)
@@ -272,9 +288,15 @@ class ImageStore:
             yield from (self.pixels_and_failures(items[i]) for i in range(len(items)))
             return
         needs = _FirstNeeds(items, self._have.copy() if self.cache else None)
-        for i, decoded in enumerate(self._decoded(needs)):
+        # Not enumerate(): it keeps its last (i, item) tuple for reuse, and with it the last
+        # decoded block's shared memory, until the loop's frame goes, after the pipeline's end.
+        i = 0
+        for decoded in self._decoded(needs):
             # needs[i] again, here: the workers' copies computed it there
-            yield self._pixels(np.asarray(items[i], np.int64), needs[i], decoded)
+            batch = self._pixels(np.asarray(items[i], np.int64), needs[i], decoded)
+            del decoded  # its shared memory is not held while the consumer has the batch
+            i += 1
+            yield batch
 
     def _late(self, failed: dict[int, str]) -> None:
         for slot, why in failed.items():

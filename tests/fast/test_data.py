@@ -490,6 +490,65 @@ def test_a_sigkilled_parent_leaves_no_workers_or_shared_memory(tmp_path):
     assert not left(), "workers or shared memory outlived their killed parent"
 
 
+KILLED_WHILE_SPAWNING = """
+import sys, time
+import numpy as np
+from nnx_caption.data import ImageStore
+from nnx_caption.processing import ImageProcessor
+if __name__ == "__main__":
+    store = ImageStore(sys.argv[1:], ImageProcessor(size=8), workers=2, cache=False)
+    next(store.stream([np.array([i % 4]) for i in range(1000)]))  # starts the workers
+    time.sleep(600)
+"""
+
+
+def test_a_parent_killed_while_its_workers_start_leaves_none_behind(tmp_path):
+    """The parent is SIGKILLed as soon as its first worker process exists, while the workers
+    are still importing: they are re-parented before they can note their parent, and must
+    still end (with them grain's resource tracker, which lives while they do)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    import uuid
+
+    paths = [str(tmp_path / n) for n in _images(tmp_path, 4)]
+    script = tmp_path / "killed_while_spawning.py"
+    script.write_text(KILLED_WHILE_SPAWNING)
+    marker = f"NNX_CAPTION_TEST_MARK={uuid.uuid4().hex}".encode()
+    env = {**os.environ, marker.decode().split("=")[0]: marker.decode().split("=")[1]}
+    child = subprocess.Popen([sys.executable, str(script), *paths], env=env)
+
+    def proc(pid: str, name: str) -> bytes:
+        try:
+            return Path(f"/proc/{pid}/{name}").read_bytes()
+        except OSError:  # gone meanwhile
+            return b""
+
+    def marked() -> list[str]:  # the child's processes, however re-parented
+        pids = [p.name for p in Path("/proc").iterdir() if p.name.isdigit()]
+        return [p for p in pids if marker in proc(p, "environ").split(b"\0")]
+
+    deadline = time.monotonic() + 120
+    while not any(
+        b"spawn_main" in proc(p, "cmdline")
+        and proc(p, "stat").split()[3] == str(child.pid).encode()
+        for p in marked()
+    ):
+        assert child.poll() is None and time.monotonic() < deadline, "no worker started"
+        time.sleep(0.005)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    deadline = time.monotonic() + 30
+    while marked() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = [(p, proc(p, "cmdline").replace(b"\0", b" ")[:80]) for p in marked()]
+    for pid, _ in left:  # not left to run on after the test
+        os.kill(int(pid), signal.SIGKILL)
+    assert not left, f"outlived their killed parent: {left}"
+
+
 CLEAN_EXIT = """
 import gc, sys
 import numpy as np
