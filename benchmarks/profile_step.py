@@ -66,7 +66,9 @@ def main() -> None:
         jax.block_until_ready(trainer.train_step(batch)["loss"])
     wall = time.perf_counter() - t
 
-    hlo = trainer._step.lower(trainer.state, trainer.put(batch), jnp.int32(0)).compile()
+    hlo = trainer._step.lower(
+        trainer.state, trainer.put(batch), jnp.int32(0), jnp.int32(0)
+    ).compile()
     kinds = op_kinds(hlo.as_text())
     trace = sorted(out.glob("**/*.xplane.pb"), key=lambda p: p.stat().st_mtime)[-1]
     spent = collections.Counter()

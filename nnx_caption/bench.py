@@ -28,7 +28,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nnx_caption.flags import ModelArgs, UsageError, add_flags, flag, from_namespace
+from nnx_caption.flags import (
+    ModelArgs,
+    UsageError,
+    add_flags,
+    at_least,
+    flag,
+    from_namespace,
+    one_of,
+)
 
 # Dense peak FLOP/s of one chip, (bfloat16, float32), by the device_kind jax reports. float32
 # is what XLA's default precision makes of a float32 matmul there (FP32_POLICY).
@@ -139,19 +147,23 @@ class BenchArgs(ModelArgs):
     spelled as `train` spells them)."""
 
     preset: str | None = flag(
-        None, f"random weights of a built-in configuration: {' | '.join(PRESETS)}"
+        None, f"random weights of a built-in configuration: {' | '.join(PRESETS)}", one_of(*PRESETS)
     )
-    what: str = flag("both", "train | decode | both")
-    per_device_batch_size: int = flag(8, "captions (train) or images (decode) per device")
-    target_length: int = flag(32, "caption tokens per training example")
-    image_size: int | None = flag(None, "image side in pixels (--preset only)")
+    what: str = flag("both", "train | decode | both", one_of("train", "decode", "both"))
+    per_device_batch_size: int = flag(
+        8, "captions (train) or images (decode) per device", at_least(1)
+    )
+    target_length: int = flag(32, "caption tokens per training example", at_least(1))
+    image_size: int | None = flag(None, "image side in pixels (--preset only)", at_least(1))
     captions_per_image: int = flag(
-        1, "k captions per image in a training batch (each image encoded once)"
+        1, "k captions per image in a training batch (each image encoded once)", at_least(1)
     )
-    num_beams: int = flag(1, "beams of the decoding search (1: greedy)")
-    max_length: int = flag(16, "decoded length, counting the start token (EOS suppressed)")
-    steps: int = flag(10, "timed calls per workload (the median is reported)")
-    warmup: int = flag(2, "untimed calls after the compiling one")
+    num_beams: int = flag(1, "beams of the decoding search (1: greedy)", at_least(1))
+    max_length: int = flag(
+        16, "decoded length, counting the start token (EOS suppressed)", at_least(2)
+    )
+    steps: int = flag(10, "timed calls per workload (the median is reported)", at_least(1))
+    warmup: int = flag(2, "untimed calls after the compiling one", at_least(0))
     seed: int = flag(0, "seed of the random weights and inputs")
     output_dir: str = flag("out/bench", "where bench.json is written")
     profile: str | None = flag(None, "write a jax profiler trace of a few calls to this folder")
@@ -348,23 +360,12 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
 def args_from_namespace(ns: argparse.Namespace) -> BenchArgs:
     """BenchArgs from parsed flags, checked; a bad combination is a UsageError saying which."""
     a = from_namespace(BenchArgs, ns)
-    a.check()
     if bool(a.model_name_or_path) == bool(a.preset):
         raise UsageError("give one of --model_name_or_path and --preset")
-    if a.preset and a.preset not in PRESETS:
-        raise UsageError(f"--preset {a.preset!r}: choose {' or '.join(PRESETS)}")
-    if a.what not in ("train", "decode", "both"):
-        raise UsageError(f"--what {a.what!r}: choose train, decode or both")
-    if a.captions_per_image < 1 or a.per_device_batch_size % a.captions_per_image:
+    a.check()  # every flag's own check
+    if a.per_device_batch_size % a.captions_per_image:
         raise UsageError(
             f"--captions_per_image {a.captions_per_image} must divide --per_device_batch_size "
             f"{a.per_device_batch_size}"
-        )
-    if a.steps < 1 or a.warmup < 0:
-        raise UsageError("--steps must be >= 1 and --warmup >= 0")
-    if min(a.per_device_batch_size, a.target_length, a.max_length - 1, a.num_beams) < 1:
-        raise UsageError(
-            "--per_device_batch_size, --target_length and --num_beams must be >= 1, "
-            "--max_length >= 2"
         )
     return a

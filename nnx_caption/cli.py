@@ -3,17 +3,26 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import functools
 import logging
 import os
 import sys
+import traceback
 
+from nnx_caption.checkpointing import quiet_failed_writes
 from nnx_caption.config import ConfigError
 from nnx_caption.data import DataError
 from nnx_caption.edits import ModelClassError
+from nnx_caption.errors import RunError
 from nnx_caption.flags import UsageError, add_argument
 from nnx_caption.predict import predict
 from nnx_caption.preemption import Preempted
 from nnx_caption.safetensors_io import CheckpointError
+
+# Errors in what the command was given (a flag, a path, a file's contents): exit status 2.
+USAGE_ERRORS = (CheckpointError, ConfigError, UsageError, DataError, ModelClassError)
+DEBUG_ENV = "NNX_CAPTION_DEBUG"  # set (not 0): tracebacks, as --debug
 
 
 def _rewrite(args: argparse.Namespace, layout: str) -> None:
@@ -142,7 +151,9 @@ MODEL_CLASS_HELP = (
 
 
 def _predict(args: argparse.Namespace) -> None:
-    options = {k: v for k, v in vars(args).items() if k not in ("command", "model", "inputs")}
+    options = {
+        k: v for k, v in vars(args).items() if k not in ("command", "model", "inputs", "debug")
+    }
     summary = predict(args.model, args.inputs, **options)  # its flags are named as its options
     if "CIDEr" in summary:
         from nnx_caption.gallery import summary as score_line
@@ -176,7 +187,14 @@ def _plot(run_dir: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nnx-caption", description=__doc__)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--debug",
+        action="store_true",
+        help=f"on an error, print the traceback too (or set {DEBUG_ENV}=1)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser = functools.partial(sub.add_parser, parents=[common])  # --debug on each
     for name, help_ in (
         ("convert", "write the converted NNX layout (safetensors keyed by NNX path)"),
         ("export", "write the Hugging Face layout that transformers loads"),
@@ -214,20 +232,53 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Stderr(logging.StreamHandler):
+    """Writes to sys.stderr as it is when a record comes (main() may run again in a process
+    that has replaced it since: a test, a notebook), not as it was when the handler was made."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
 def _log_to_stderr() -> None:
     """The package's own log lines (e.g. what a checkpoint load did) on stderr."""
     logger = logging.getLogger("nnx_caption")
     if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _Stderr()
         handler.setFormatter(logging.Formatter("[nnx-caption] %(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
         logger.propagate = False
 
 
+def _os_error(err: OSError) -> str:
+    """An OSError as one line: the path, what happened, what to do."""
+    where = f"{err.filename}: " if err.filename else ""
+    what = err.strerror or str(err)
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (
+            f"{where}{what}: free some space and run the same command (a train run resumes "
+            "from its last checkpoint)"
+        )
+    if err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return f"{where}{what}: choose a folder that can be written"
+    return f"{where}{what}"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    debug = args.debug or os.environ.get(DEBUG_ENV, "0") not in ("", "0")
     _log_to_stderr()
+    if not debug:
+        quiet_failed_writes()
+
+    def fail(message: object, status: int) -> int:
+        if debug:
+            traceback.print_exc()
+        print(f"nnx-caption {args.command}: error: {message}", file=sys.stderr)
+        return status
+
     try:
         if args.command == "compose":
             _compose(args)
@@ -250,9 +301,12 @@ def main(argv: list[str] | None = None) -> int:
     except Preempted as stop:  # a clean stop, as a preempted job must make: exit 0
         print(f"nnx-caption {args.command}: {stop}", file=sys.stderr)
         return 0
-    except (CheckpointError, ConfigError, UsageError, DataError, ModelClassError) as err:
-        print(f"nnx-caption {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    except USAGE_ERRORS as err:
+        return fail(err, 2)
+    except RunError as err:
+        return fail(err, 1)
+    except OSError as err:  # the disk, a folder's permissions, a path that went away
+        return fail(_os_error(err), 1)
     return 0
 
 

@@ -7,10 +7,9 @@ output_dir by itself.
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass, fields
 
@@ -18,23 +17,30 @@ import jax
 import numpy as np
 
 from nnx_caption import data as data_lib
-from nnx_caption import gallery
+from nnx_caption import gallery, rundir
+from nnx_caption.checkpointing import checkpoints
+from nnx_caption.config import read_config
+from nnx_caption.errors import Diverged, RunError
 from nnx_caption.files import replacing
 from nnx_caption.flags import (
     ModelArgs,
     UsageError,
+    above,
     add_flags,
-    check_patterns,
+    at_least,
     flag,
     flags,
     from_values,
+    one_of,
+    public_values,
 )
 from nnx_caption.hf import resolve, save_pretrained
 from nnx_caption.plots import METRICS_FILE, plot_run
 from nnx_caption.preemption import Preempted, Preemption
 from nnx_caption.processing import ImageProcessor, Tokenizer
 from nnx_caption.progress import first_call, log
-from nnx_caption.train import TrainConfig, Trainer, checkpoints
+from nnx_caption.sharding import any_process
+from nnx_caption.train import TrainConfig, Trainer
 
 
 @dataclass(frozen=True)
@@ -46,7 +52,10 @@ class TrainArgs(ModelArgs, TrainConfig):
 
     output_dir: str = flag("", "where checkpoints, metrics, results and the final model go")
     overwrite_output_dir: bool = flag(
-        False, "delete output_dir first instead of resuming from its checkpoints"
+        False,
+        "write into an output_dir that is not empty, and train from --model_name_or_path "
+        "instead of resuming from its checkpoints (an earlier run's checkpoints and logs are "
+        "removed then; nothing else is)",
     )
     do_train: bool = flag(False, "train on --train_file")
     do_eval: bool = flag(
@@ -82,54 +91,69 @@ class TrainArgs(ModelArgs, TrainConfig):
     image_column: str = flag("image_path", "column holding image paths")
     caption_column: str = flag("caption", "column holding captions")
     max_target_length: int = flag(
-        128, "caption tokens (incl. EOS) in training; longer ones are truncated"
+        128,
+        "caption tokens (incl. EOS) in training; longer ones are truncated (at most the "
+        "decoder's positions)",
+        at_least(1),
     )
     val_max_target_length: int | None = flag(
-        None, "max_length of generated captions and eval targets"
+        None, "max_length of generated captions and eval targets", at_least(2)
     )
-    max_train_samples: int | None = flag(None, "use only the first N training rows")
-    max_eval_samples: int | None = flag(None, "use only the first N validation rows")
-    max_predict_samples: int | None = flag(None, "use only the first N test rows")
-    per_device_train_batch_size: int = flag(8, "examples per device per micro-batch")
-    per_device_eval_batch_size: int = flag(8, "examples per device in evaluation")
-    num_train_epochs: float = flag(3.0, "epochs to train (may be fractional)")
-    logging_steps: int = flag(500, "log metrics every N steps")
-    eval_steps: int | None = flag(None, "evaluate every N steps during training")
+    max_train_samples: int | None = flag(None, "use only the first N training rows", at_least(1))
+    max_eval_samples: int | None = flag(None, "use only the first N validation rows", at_least(1))
+    max_predict_samples: int | None = flag(None, "use only the first N test rows", at_least(1))
+    per_device_train_batch_size: int = flag(8, "examples per device per micro-batch", at_least(1))
+    per_device_eval_batch_size: int = flag(8, "examples per device in evaluation", at_least(1))
+    num_train_epochs: float = flag(3.0, "epochs to train (may be fractional)", above(0))
+    logging_steps: int = flag(500, "log metrics every N steps", at_least(1))
+    eval_steps: int | None = flag(None, "evaluate every N steps during training", at_least(1))
     predict_with_generate: bool = flag(False, "generate captions in evaluation and score them")
     num_beams: int | None = flag(
-        None, "beams for generation (default: the checkpoint's generation config)"
+        None, "beams for generation (default: the checkpoint's generation config)", at_least(1)
     )
-    push_to_hub: bool = flag(False, "upload output_dir to the hub at the end")
+    push_to_hub: bool = flag(
+        False,
+        "upload the model, its tokenizer and processor files, a model card, the results and "
+        "the plots to the hub at the end",
+    )
     hub_model_id: str | None = flag(None, "hub repo to push to (default: output_dir's name)")
-    hub_token: str | None = flag(None, "hub token (default: the logged-in one)")
+    hub_token: str | None = flag(
+        None, "hub token (default: the logged-in one); never written to a file", secret=True
+    )
     # Beyond HF's script.
-    max_steps: int | None = flag(None, "stop after N optimizer steps (overrides num_train_epochs)")
-    save_steps: int | None = flag(None, "checkpoint every N steps (always at the end)")
-    save_total_limit: int | None = flag(None, "keep only the newest N checkpoints")
+    max_steps: int | None = flag(
+        None, "stop after N optimizer steps (overrides num_train_epochs)", at_least(1)
+    )
+    save_steps: int | None = flag(None, "checkpoint every N steps (always at the end)", at_least(1))
+    save_total_limit: int | None = flag(None, "keep only the newest N checkpoints", at_least(1))
     lora_rank: int = flag(
         0,
         "train only LoRA adapters of this rank on the attention and MLP projections (merged "
         "into the weights at export)",
+        at_least(0),
     )
     captions_per_image: int = flag(
         1,
         "k > 1: batches of images with k captions each, each image encoded once per step; an "
         "epoch covers every image once (default 1: every caption once, as HF)",
+        at_least(1),
     )
     captions_per_step: str = flag(
         "all",
         "all: an epoch is every caption once (HF); sample: every image once, with one of its "
         "captions drawn at random each epoch (big_vision)",
+        one_of(*data_lib.CAPTIONS_PER_STEP),
     )
     preprocessing_num_workers: int = flag(
-        2, "grain worker processes decoding images (per host); 0: in the main process"
+        2, "grain worker processes decoding images (per host); 0: in the main process", at_least(0)
     )
     image_cache_gb: float = flag(
         2.0,
         "keep a split's resized images in memory when they fit in this many GiB (decoded "
         "once); larger splits are decoded batch by batch",
+        at_least(0),
     )
-    eval_limit_batches: int | None = flag(None, "evaluate only the first N batches")
+    eval_limit_batches: int | None = flag(None, "evaluate only the first N batches", at_least(1))
 
 
 def _append_metrics(output_dir: str, row: dict) -> None:
@@ -139,6 +163,7 @@ def _append_metrics(output_dir: str, row: dict) -> None:
 
 
 def _check_args(a: TrainArgs) -> None:
+    """A UsageError naming the flag that cannot work, before anything is read or written."""
     if not a.model_name_or_path or not a.output_dir:
         raise UsageError("--model_name_or_path and --output_dir are required")
     if not (a.do_train or a.do_eval or a.do_predict):
@@ -158,56 +183,38 @@ def _check_args(a: TrainArgs) -> None:
     ):
         if getattr(a, todo) and not getattr(a, needed) and not a.dataset_name:
             raise UsageError(f"--{todo} needs --{needed}")
-    a.check()
+    a.check()  # every flag's own check
     k = a.captions_per_image
-    if k < 1 or a.per_device_train_batch_size % k:
+    if a.per_device_train_batch_size % k:
         raise UsageError(
             f"--captions_per_image {k} must divide --per_device_train_batch_size "
             f"{a.per_device_train_batch_size}: each device holds whole images with their captions"
         )
-    if a.captions_per_step not in data_lib.CAPTIONS_PER_STEP:
-        raise UsageError(
-            f"--captions_per_step {a.captions_per_step!r} is not one of "
-            + ", ".join(data_lib.CAPTIONS_PER_STEP)
-        )
-    for name in ("trainable", "freeze"):
-        check_patterns(name, getattr(a, name))
-    if a.lora_rank < 0:
-        raise UsageError(f"--lora_rank must be >= 0, got {a.lora_rank}")
 
 
-def _holds_files(directory: str) -> bool:
-    """Whether a folder holds anything but empty folders (a run stopped before it wrote
-    anything, e.g. on a bad flag, leaves only those)."""
-    return any(files for _, _, files in os.walk(directory))
-
-
-RUN_MARKER = "train_args.json"  # the flags of the run, written first: the folder is a run's
-KEPT_ON_RESTART = (RUN_MARKER, "dataset_images")  # the rest of a run that never saved is redone
-
-
-def _prepare_output_dir(a: TrainArgs) -> str:
-    """The checkpoint folder in output_dir. A run killed before its first checkpoint starts
-    over; a folder that holds anything else is refused."""
-    ckpt_dir = os.path.join(a.output_dir, "checkpoints")
-    if a.overwrite_output_dir and os.path.isdir(a.output_dir):
-        shutil.rmtree(a.output_dir)
-    elif a.do_train and _holds_files(a.output_dir) and not checkpoints(ckpt_dir):
-        if not os.path.isfile(os.path.join(a.output_dir, RUN_MARKER)):
+def _check_lengths(a: TrainArgs, config) -> None:
+    """Caption lengths the model's decoder can hold: its positions bound both the training
+    targets and the generated captions (whose max_length counts the start token)."""
+    positions = config.decoder.n_positions
+    for name in ("max_target_length", "val_max_target_length"):
+        value = getattr(a, name)
+        if value is not None and value > positions:
             raise UsageError(
-                f"--output_dir {a.output_dir} exists, is not empty and holds neither a "
-                "checkpoint to resume from nor an earlier run of this command; use "
-                "--overwrite_output_dir to start over there"
+                f"--{name} {value}: the decoder of {a.model_name_or_path} has {positions} "
+                f"positions; pass at most {positions}"
             )
-        log(f"{a.output_dir}: the earlier run stopped before its first checkpoint: starting over")
-        for name in set(os.listdir(a.output_dir)) - set(KEPT_ON_RESTART):
-            path = os.path.join(a.output_dir, name)
-            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-    os.makedirs(ckpt_dir, exist_ok=True)
-    if a.do_train and jax.process_index() == 0:
-        with replacing(os.path.join(a.output_dir, RUN_MARKER), encoding="utf-8") as f:
-            json.dump(dataclasses.asdict(a), f, indent=2)
-    return ckpt_dir
+    if a.predict_with_generate and (a.val_max_target_length or a.max_target_length) < 2:
+        raise UsageError(
+            "--predict_with_generate: generated captions count the start token, so "
+            "--val_max_target_length (or --max_target_length) must be at least 2"
+        )
+
+
+def _write_run_args(a: TrainArgs) -> None:
+    """train_args.json, the run's flags (secrets masked), written first: the folder is a run's."""
+    if jax.process_index() == 0:
+        with replacing(os.path.join(a.output_dir, rundir.RUN_MARKER), encoding="utf-8") as f:
+            json.dump(public_values(a), f, indent=2)
 
 
 def hf_dataset_split(a: TrainArgs, split: str, limit: int | None) -> data_lib.Split:
@@ -293,12 +300,39 @@ def _dataset(
 
 
 def run(a: TrainArgs) -> dict:
-    """Runs training / evaluation / prediction as HF's script does; returns the results."""
+    """Runs training / evaluation / prediction as HF's script does; returns the results. Every
+    flag is checked before the run directory is touched, data is read or anything compiles;
+    the directory is then held by this run alone (rundir.RunLock) until it ends."""
     _check_args(a)
-    ckpt_dir = _prepare_output_dir(a)
-    devices = jax.device_count()
-    mesh = a.mesh()
+    mesh = a.mesh()  # a UsageError when the --mesh_* flags do not fit the devices
     source = resolve(a.model_name_or_path)
+    _check_lengths(a, read_config(source))
+    lock = rundir.RunLock(a.output_dir)
+    error = None
+    if jax.process_index() == 0:  # one lock per run: process 0 takes it for all
+        try:
+            lock.acquire()
+        except UsageError as err:
+            error = err
+    if any_process(error is not None):
+        raise error or UsageError(f"process 0 could not take {lock.path}: see its error")
+    try:
+        return _run(a, mesh, source, lock)
+    finally:
+        if jax.process_index() == 0:
+            lock.release()
+
+
+def _run(a: TrainArgs, mesh, source: str, lock: rundir.RunLock) -> dict:
+    todo = rundir.plan(a.output_dir, a.overwrite_output_dir, a.do_train)
+    if jax.process_index() == 0:
+        stale = rundir.remove_stale_temporary_files(a.output_dir)
+        if stale:
+            log(f"removed what writes cut off by an earlier run left: {', '.join(stale)}")
+    if a.do_train:
+        _write_run_args(a)
+    ckpt_dir = os.path.join(a.output_dir, rundir.CHECKPOINTS)
+    devices = jax.device_count()
     model = a.load(source, mesh, seed=a.seed)
     if a.lora_rank:
         from nnx_caption.lora import add_lora
@@ -330,31 +364,27 @@ def run(a: TrainArgs) -> dict:
     k, per_step = a.captions_per_image, a.captions_per_step
     steps_per_epoch = train_ds.steps_per_epoch(global_batch, k, per_step) if train_ds else 1
     total = a.max_steps or int(steps_per_epoch * a.num_train_epochs)
+    if a.do_train and total < 1:
+        raise UsageError(
+            f"--num_train_epochs {a.num_train_epochs} is less than one step of the "
+            f"{steps_per_epoch} of an epoch: train longer, or pass --max_steps"
+        )
     derived = dict(total_steps=max(total, 1), lora=bool(a.lora_rank))
     tcfg = TrainConfig(**{f.name: getattr(a, f.name) for f in fields(TrainConfig)} | derived)
     trainer = Trainer(model, tcfg, mesh)
-    existing = checkpoints(ckpt_dir)
-    if existing and a.do_train:
-        meta = trainer.restore(existing[-1])
-        saved_batch = meta.get("global_batch", global_batch)
-        if saved_batch != global_batch:  # the data position would mean other examples
-            raise UsageError(
-                f"{existing[-1]} was trained with a global batch of {saved_batch} examples; "
-                f"this run's is {global_batch} (--per_device_train_batch_size "
-                f"{a.per_device_train_batch_size} x {devices} devices x "
-                f"--gradient_accumulation_steps {a.gradient_accumulation_steps}): pass a "
-                f"per-device batch that gives {saved_batch} on these {devices} devices"
-            )
-        if meta.get("seed", a.seed) != a.seed:  # the data order and dropout come from it
-            raise UsageError(
-                f"{existing[-1]} was trained with --seed {meta['seed']}; resume with it, "
-                f"not {a.seed}"
-            )
-        log(f"resumed from {existing[-1]} (step {meta['step']})")
+    if todo == "resume":
+        _resume(trainer, ckpt_dir, a, global_batch, devices)
+    elif todo in ("fresh", "start over") and jax.process_index() == 0:
+        if todo == "start over":
+            where = a.output_dir
+            log(f"{where}: the earlier run stopped before its first checkpoint: starting over")
+        removed = rundir.clear_previous_run(a.output_dir)
+        if removed and todo == "fresh":
+            log(f"--overwrite_output_dir: removed the earlier run's {', '.join(removed)}")
 
     def evaluate(ds, prefix: str) -> dict:
         out = evaluate_split(trainer, ds, eval_batch, val_len, a, tok, prefix)
-        with open(os.path.join(a.output_dir, f"{prefix}_results.json"), "w") as f:
+        with replacing(os.path.join(a.output_dir, f"{prefix}_results.json")) as f:
             json.dump(out, f, indent=2)
         _append_metrics(a.output_dir, {"step": trainer.step, **out})
         plot_run(a.output_dir)
@@ -373,6 +403,7 @@ def run(a: TrainArgs) -> dict:
             total,
             ckpt_dir,
             eval_fn=(lambda: evaluate(eval_ds, "eval")) if eval_ds else None,
+            lock=lock,
         )
         results["train"] = {
             "steps": trainer.step,
@@ -391,101 +422,191 @@ def run(a: TrainArgs) -> dict:
     return results
 
 
-def train_loop(
-    trainer: Trainer, ds, a: TrainArgs, global_batch: int, total: int, ckpt_dir: str, eval_fn=None
-) -> list[dict]:
-    """Steps from trainer.step to `total`, logging, evaluating and checkpointing."""
-    from tensorboardX import SummaryWriter
-    from tqdm import tqdm
+def _resume(trainer: Trainer, ckpt_dir: str, a: TrainArgs, global_batch: int, devices: int):
+    """The newest checkpoint that passes its checks (those that fail are moved aside), if it
+    was trained as this run will go on: the same global batch and seed."""
+    meta, path = trainer.restore_newest(ckpt_dir)
+    saved_batch = meta.get("global_batch", global_batch)
+    if saved_batch != global_batch:  # the data position would mean other examples
+        raise UsageError(
+            f"{path} was trained with a global batch of {saved_batch} examples; "
+            f"this run's is {global_batch} (--per_device_train_batch_size "
+            f"{a.per_device_train_batch_size} x {devices} devices x "
+            f"--gradient_accumulation_steps {a.gradient_accumulation_steps}): pass a "
+            f"per-device batch that gives {saved_batch} on these {devices} devices"
+        )
+    if meta.get("seed", a.seed) != a.seed:  # the data order and dropout come from it
+        raise UsageError(
+            f"{path} was trained with --seed {meta['seed']}; resume with it, not {a.seed}"
+        )
+    if jax.process_index() == 0:
+        rundir.drop_rows_after(a.output_dir, trainer.step)  # they are logged again
+    log(f"resumed from {path} (step {meta['step']})")
 
-    board = SummaryWriter(os.path.join(a.output_dir, "tensorboard"))
-    history: list[dict] = []
-    window: list[dict] = []
-    bar = None  # made after the first step, which compiles: its ETA would count compiling
-    timed_steps, timed_since = 0, 0.0  # steps in the logging window after the compiling one
-    per_image = a.captions_per_image
-    steps_per_epoch = ds.steps_per_epoch(global_batch, per_image, a.captions_per_step)
+
+def train_loop(
+    trainer: Trainer,
+    ds,
+    a: TrainArgs,
+    global_batch: int,
+    total: int,
+    ckpt_dir: str,
+    eval_fn=None,
+    lock: rundir.RunLock | None = None,
+) -> list[dict]:
+    """Steps from trainer.step to `total`, logging, evaluating and checkpointing. Stops with
+    a RunError (Diverged, SaveFailed) before anything after the last good checkpoint is saved
+    or exported; its message names that checkpoint."""
+    try:
+        return _steps(trainer, ds, a, global_batch, total, ckpt_dir, eval_fn, lock)
+    except Diverged as err:
+        with contextlib.suppress(RunError):  # a failed save in flight shows on the next run
+            trainer.wait()  # the saves in flight are of steps before the divergence
+        last = checkpoints(ckpt_dir)
+        raise Diverged(
+            f"{err}. Nothing after it was saved or exported; the last good checkpoint is "
+            f"{last[-1] if last else 'none'}. Lower --learning_rate (or clip with "
+            "--max_grad_norm, warm up with --warmup_steps) and run the same command: it "
+            "resumes from there"
+        ) from None
+
+
+class _Progress:
+    """What a person watching a run sees, and what it leaves to read later: the progress bar,
+    and at each logging step a metrics.jsonl row and TensorBoard scalars of the steps since
+    the last one, with their throughput (the compiling first step is left out of both)."""
+
+    def __init__(self, a: TrainArgs, trainer: Trainer, total: int, steps_per_epoch: int):
+        from tensorboardX import SummaryWriter
+
+        self.a, self.total, self.steps_per_epoch = a, total, steps_per_epoch
+        self.start = trainer.step
+        self.writer = jax.process_index() == 0  # process 0 writes the run directory
+        # A resumed run's TensorBoard drops what earlier runs logged from this step on.
+        path = os.path.join(a.output_dir, rundir.TENSORBOARD)
+        self.board = SummaryWriter(path, purge_step=trainer.step or None)
+        self.bar = None  # made after the first step, which compiles: its ETA would count it
+        self.window: list[dict] = []  # the steps' metrics since the last logging step
+        self.timed_steps, self.timed_since = 0, 0.0  # in the window, after the compiling one
+
+    def step(self, metrics: dict) -> None:
+        """Notes a step's metrics (still on the device: nothing waits for them here)."""
+        from tqdm import tqdm
+
+        self.window.append(metrics)
+        if self.bar is None:
+            self.bar = tqdm(
+                total=self.total,
+                initial=self.start + 1,
+                desc="train",
+                unit="step",
+                dynamic_ncols=True,
+                mininterval=2.0,
+                disable=not self.writer,
+            )
+            self.timed_since = time.perf_counter()
+        else:
+            self.timed_steps += 1
+            self.bar.update(1)
+
+    def log(self, done: int, examples_per_step: int) -> dict:
+        """The logging row of the steps since the last one, written to metrics.jsonl and
+        TensorBoard (reading it waits for those steps)."""
+        window = self.window
+        logged = {k: float(np.mean([float(m[k]) for m in window])) for k in window[0]}
+        now = time.perf_counter()  # float() above waited for the window's steps
+        # Examples per second of the steps timed in the window: none when its only step was
+        # the compiling one.
+        seconds = now - self.timed_since
+        rate = self.timed_steps * examples_per_step / seconds if self.timed_steps else None
+        logged.update(step=done, epoch=done / self.steps_per_epoch, examples_per_second=rate)
+        self.window, self.timed_steps, self.timed_since = [], 0, now
+        if self.writer:
+            _append_metrics(self.a.output_dir, logged)  # NaN too: the row a divergence shows
+            for key in ("loss", "learning_rate", "grad_norm", "examples_per_second"):
+                if logged[key] is not None and np.isfinite(logged[key]):
+                    self.board.add_scalar(f"train/{key}", logged[key], done)
+            self.board.flush()
+        self.bar.set_postfix(
+            loss=f"{logged['loss']:.3f}",
+            lr=f"{logged['learning_rate']:.2e}",
+            ex_s="-" if rate is None else f"{rate:.0f}",
+        )
+        return logged
+
+    def restart_timing(self) -> None:
+        """After an evaluation: it is not training throughput."""
+        self.timed_since = time.perf_counter()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self.board.close()
+
+
+def _steps(trainer, ds, a: TrainArgs, global_batch, total, ckpt_dir, eval_fn, lock) -> list[dict]:
+    steps_per_epoch = ds.steps_per_epoch(global_batch, a.captions_per_image, a.captions_per_step)
     batches = data_lib.train_batches(
         ds,
         global_batch,
         a.seed,
         start_step=trainer.step,
-        captions_per_image=per_image,
+        captions_per_image=a.captions_per_image,
         captions_per_step=a.captions_per_step,
     )
-    with Preemption() as preemption:  # SIGTERM: save at the next step boundary, exit 0
-        for step, batch in batches:
-            if step >= total:
-                break
-            if bar is None:
-                window.append(first_call("train step", trainer.train_step, batch))
-                bar = tqdm(
-                    total=total,
-                    initial=trainer.step,
-                    desc="train",
-                    unit="step",
-                    dynamic_ncols=True,
-                    mininterval=2.0,
+    progress = _Progress(a, trainer, total, steps_per_epoch)
+    history: list[dict] = []
+    try:
+        with Preemption() as preemption:  # SIGTERM: save at the next step boundary, exit 0
+            for step, batch in batches:
+                if step >= total:
+                    break
+                first = progress.bar is None
+                progress.step(
+                    first_call("train step", trainer.train_step, batch)
+                    if first
+                    else trainer.train_step(batch)
                 )
-                timed_since = time.perf_counter()
-            else:
-                window.append(trainer.train_step(batch))
-                timed_steps += 1
-                bar.update(1)
-            done = trainer.step
-            if done % a.logging_steps == 0 or done == total:
-                logged = {k: float(np.mean([float(m[k]) for m in window])) for k in window[0]}
-                now = time.perf_counter()  # float() above waited for the window's steps
-                # Examples per second of the steps timed in the window: none when its only step
-                # was the compiling one.
-                rate = timed_steps * global_batch / (now - timed_since) if timed_steps else None
-                logged.update(
-                    step=done,
-                    epoch=done / steps_per_epoch,
-                    examples_per_second=rate,
-                )
-                history.append(logged)
-                window, timed_steps, timed_since = [], 0, now
-                _append_metrics(a.output_dir, logged)
-                for key in ("loss", "learning_rate", "grad_norm", "examples_per_second"):
-                    if logged[key] is not None:
-                        board.add_scalar(f"train/{key}", logged[key], done)
-                board.flush()
-                bar.set_postfix(
-                    loss=f"{logged['loss']:.3f}",
-                    lr=f"{logged['learning_rate']:.2e}",
-                    ex_s="-" if rate is None else f"{rate:.0f}",
-                )
-            if eval_fn is not None and a.eval_steps and done % a.eval_steps == 0 and done < total:
-                eval_fn()
-                timed_since = time.perf_counter()  # the evaluation is not training throughput
-            saved = a.save_steps and done % a.save_steps == 0
-            if saved:
-                _save(trainer, ckpt_dir, a, global_batch)
-            if preemption.stop_now():  # SIGTERM: stop here, saved, and say how to go on
-                if not saved:
+                trainer.checkpointer.raise_if_failed()  # a background save that failed
+                done = trainer.step
+                if done % a.logging_steps == 0 or done == total:
+                    history.append(progress.log(done, global_batch))
+                    trainer.check_finite()  # the window's steps are done: reading it is free
+                    if lock is not None and lock.lost:
+                        raise RunError(
+                            f"{lock.path} was taken over by another run (it found this one "
+                            f"stale): stopped at step {done}; the checkpoints are in {ckpt_dir}"
+                        )
+                if eval_fn and a.eval_steps and done % a.eval_steps == 0 and done < total:
+                    trainer.check_finite()
+                    eval_fn()
+                    progress.restart_timing()
+                saved = a.save_steps and done % a.save_steps == 0
+                if saved:
                     _save(trainer, ckpt_dir, a, global_batch)
-                trainer.wait()
-                bar.close()
-                board.close()
-                raise Preempted(
-                    f"SIGTERM: saved step {done} in {ckpt_dir}; the same command resumes from it"
-                )
-    if bar is not None:
-        bar.close()
+                if preemption.stop_now():  # SIGTERM: stop here, saved, and say how to go on
+                    if not saved:
+                        _save(trainer, ckpt_dir, a, global_batch)
+                    trainer.wait()
+                    raise Preempted(
+                        f"SIGTERM: saved step {done} in {ckpt_dir}; the same command resumes "
+                        "from it"
+                    )
+    finally:
+        progress.close()
     if ds.late_failures:
         log(
             f"{len(ds.late_failures)} images failed to decode during training and were left "
             f"out of the loss; first: {ds.late_failures[0][0]}: {ds.late_failures[0][1]}"
         )
-    board.close()
     _save(trainer, ckpt_dir, a, global_batch)
     trainer.wait()
     return history
 
 
 def _save(trainer: Trainer, ckpt_dir: str, a: TrainArgs, global_batch: int) -> None:
-    """A checkpoint written in the background while training goes on (orbax, async)."""
+    """A checkpoint written in the background while training goes on (orbax, async); refused
+    (Diverged) after a non-finite step."""
     extra = {"seed": a.seed, "global_batch": global_batch}  # a resume checks both
     trainer.save(ckpt_dir, extra, keep=a.save_total_limit, block=False)
 
@@ -534,14 +655,18 @@ def _caption_images(trainer, ds, batch_size, max_length, a: TrainArgs, tok, pref
         texts = tok.batch_decode(out.sequences[:n_real], skip_special_tokens=True)
         predictions += [text.strip() for text in texts]
     images = [ds.examples[r].image for r in rows[: len(predictions)]]
+    # Named relative to the folder that holds all of the split's images: these files are
+    # published (push_to_hub), and a local absolute path is nobody else's business.
+    root = os.path.commonpath([os.path.dirname(e.image) for e in ds.examples])
+    names = [os.path.relpath(image, root) for image in images]
     references = references[: len(predictions)]
     scores = caption_metrics(predictions, references)
     results = {f"{prefix}_{k}": v for k, v in scores.items()}
     results[f"{prefix}_exact_match"] = exact_match(predictions, references)
     with replacing(os.path.join(a.output_dir, f"generated_{prefix}.json"), encoding="utf-8") as f:
-        entries = zip(images, predictions, references, strict=True)
+        entries = zip(names, predictions, references, strict=True)
         json.dump([dict(image=i, prediction=p, references=r) for i, p, r in entries], f, indent=1)
-    cards = _cards(images, predictions, references)
+    cards = _cards(images, names, predictions, references)
     settings = dict(num_beams=a.num_beams, max_length=max_length, step=trainer.step)
     summary = gallery.summary(results[f"{prefix}_exact_match"], scores["CIDEr"])
     page = gallery.page(f"{prefix} at step {trainer.step}", settings, cards, len(images), summary)
@@ -550,17 +675,19 @@ def _caption_images(trainer, ds, batch_size, max_length, a: TrainArgs, tok, pref
     return results
 
 
-def _cards(images: list[str], predictions: list[str], references: list[list[str]], limit=1000):
-    """Gallery cards of the first `limit` images."""
+def _cards(images: list[str], names: list[str], predictions, references, limit=1000):
+    """Gallery cards of the first `limit` images (read from `images`, shown as `names`)."""
     from nnx_caption.processing import _to_rgb
 
     cards = []
-    for image, prediction, refs in zip(images[:limit], predictions, references, strict=False):
+    for image, name, prediction, refs in zip(
+        images[:limit], names, predictions, references, strict=False
+    ):
         try:
             thumb = gallery.thumbnail(_to_rgb(image))
         except (OSError, ValueError):  # it decoded for the evaluation; a race with the disk
             continue
-        cards.append(gallery.Card(image, thumb, prediction, None, references=refs))
+        cards.append(gallery.Card(name, thumb, prediction, None, references=refs))
     return cards
 
 
@@ -590,7 +717,8 @@ def export(trainer: Trainer, output_dir: str, source: str) -> str:
 
 
 def push_to_hub(a: TrainArgs, results: dict) -> None:
-    """Uploads output_dir (model, tokenizer, processor, results) with a model card."""
+    """Uploads published_files(output_dir) with a model card. A RunError naming the cause when
+    the hub cannot be reached or refuses (everything else of the run is saved by then)."""
     import huggingface_hub
 
     repo = a.hub_model_id or os.path.basename(os.path.abspath(a.output_dir))
@@ -610,13 +738,24 @@ def push_to_hub(a: TrainArgs, results: dict) -> None:
         "```",
         "",
     ]
-    with open(os.path.join(a.output_dir, "README.md"), "w") as f:
+    with replacing(os.path.join(a.output_dir, rundir.MODEL_CARD), encoding="utf-8") as f:
         f.write("\n".join(card))
-    api = huggingface_hub.HfApi(token=a.hub_token)
-    api.create_repo(repo, exist_ok=True)
-    api.upload_folder(
-        repo_id=repo, folder_path=a.output_dir, ignore_patterns=["checkpoints/*", "*.tmp*"]
-    )
+    files = rundir.published_files(a.output_dir)
+    try:
+        api = huggingface_hub.HfApi(token=a.hub_token)
+        api.create_repo(repo, exist_ok=True)
+        # Exact names, so that "*" cannot reach into subfolders (dataset_images/, ...).
+        api.upload_folder(repo_id=repo, folder_path=a.output_dir, allow_patterns=files)
+    except Exception as err:  # the hub client raises many kinds (HTTP, connection, offline)
+        cause = (str(err).splitlines() or [type(err).__name__])[0]
+        if a.hub_token:
+            cause = cause.replace(a.hub_token, "<HUB_TOKEN>")
+        raise RunError(
+            f"--push_to_hub {repo}: {type(err).__name__}: {cause}. Everything else is saved in "
+            f"{a.output_dir}; upload these files of it yourself once the hub can be reached: "
+            + ", ".join(files)
+        ) from None
+    log(f"pushed {', '.join(files)} to {repo}")
 
 
 # Command line -----------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import os
 from typing import Any
 
 METRICS_FILE = "metrics.jsonl"
+PLOT_FILES = ("loss.png", "learning_rate.png", "throughput.png", "eval_metrics.png")  # figures'
 EVAL_METRICS = ("Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "exact_match")
 
 

@@ -6,8 +6,7 @@ from __future__ import annotations
 import signal
 import threading
 
-import jax
-import numpy as np
+from nnx_caption.sharding import any_process
 
 
 class Preempted(Exception):
@@ -36,8 +35,4 @@ class Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
     def stop_now(self) -> bool:
-        if jax.process_count() == 1:
-            return self.asked
-        from jax.experimental import multihost_utils
-
-        return bool(multihost_utils.process_allgather(np.int32(self.asked)).max())
+        return any_process(self.asked)

@@ -62,17 +62,26 @@ def constrain(x: jax.Array, axes: Axes) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, mesh.axis_names))
 
 
+def mesh_shape(data: int, fsdp: int, tensor: int, devices: int) -> tuple[int, int, int]:
+    """The (data, fsdp, tensor) sizes over `devices`, data -1 taking what the others leave; a
+    ValueError when they do not fit."""
+    if data == -1:
+        if devices % (fsdp * tensor):
+            raise ValueError(f"fsdp*tensor={fsdp * tensor} does not divide {devices} devices")
+        data = devices // (fsdp * tensor)
+    if data * fsdp * tensor != devices:
+        raise ValueError(
+            f"mesh data={data} fsdp={fsdp} tensor={tensor} needs {data * fsdp * tensor} "
+            f"devices; there are {devices}"
+        )
+    return data, fsdp, tensor
+
+
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1) -> Mesh:
     """A (data, fsdp, tensor) mesh over all devices; -1 takes what the other axes leave."""
-    n = jax.device_count()
-    if data == -1:
-        if n % (fsdp * tensor):
-            raise ValueError(f"fsdp*tensor={fsdp * tensor} does not divide {n} devices")
-        data = n // (fsdp * tensor)
-    if data * fsdp * tensor != n:
-        raise ValueError(f"mesh data={data} fsdp={fsdp} tensor={tensor} needs {n} devices")
+    shape = mesh_shape(data, fsdp, tensor, jax.device_count())
     auto = (jax.sharding.AxisType.Auto,) * 3
-    return jax.make_mesh((data, fsdp, tensor), MESH_AXES, axis_types=auto)
+    return jax.make_mesh(shape, MESH_AXES, axis_types=auto)
 
 
 def param_sharding(param: nnx.Variable, mesh: Mesh) -> NamedSharding:
@@ -102,6 +111,16 @@ def place(value: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
 def scalar(x: jax.Array) -> float:
     """A replicated scalar's value, also when it spans other processes' devices."""
     return float(np.asarray(x.addressable_data(0)))
+
+
+def any_process(flag: bool) -> bool:
+    """Whether `flag` holds on any process: every process must call it at the same point (an
+    all-gather), and all get the same answer, so they take the same branch."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.process_allgather(np.int32(flag)).max())
 
 
 def to_host(x: jax.Array) -> np.ndarray:

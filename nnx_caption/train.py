@@ -8,7 +8,6 @@ The step is a pure function of (state, batch, step number): `state` is the nnx.S
 from __future__ import annotations
 
 import functools
-import os
 import re
 from dataclasses import asdict, dataclass
 
@@ -19,10 +18,11 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from nnx_caption.flags import flag
+from nnx_caption.checkpointing import Checkpointer
+from nnx_caption.errors import Diverged
+from nnx_caption.flags import at_least, flag, fraction, regexes
 from nnx_caption.hf import path_str
 from nnx_caption.model import VisionEncoderDecoder
-from nnx_caption.safetensors_io import CheckpointError, NonFiniteError
 from nnx_caption.sharding import batch_sharding, scalar
 
 
@@ -31,22 +31,29 @@ class TrainConfig:
     """Optimisation. The meaning (and defaults) of HF's captioning script; fields with help
     are `train`'s flags of the same name (loop.TrainArgs extends this class)."""
 
-    learning_rate: float = flag(5e-5, "peak learning rate of AdamW")
-    weight_decay: float = flag(0.0, "AdamW weight decay (not on biases and LayerNorm)")
-    adam_beta1: float = flag(0.9, "AdamW beta1")
-    adam_beta2: float = flag(0.999, "AdamW beta2")
-    adam_epsilon: float = flag(1e-8, "AdamW epsilon")
-    warmup_steps: int = flag(0, "linear warmup steps, then linear decay to 0")
+    learning_rate: float = flag(5e-5, "peak learning rate of AdamW", at_least(0))
+    weight_decay: float = flag(0.0, "AdamW weight decay (not on biases and LayerNorm)", at_least(0))
+    adam_beta1: float = flag(0.9, "AdamW beta1", fraction)
+    adam_beta2: float = flag(0.999, "AdamW beta2", fraction)
+    adam_epsilon: float = flag(1e-8, "AdamW epsilon", at_least(0))
+    warmup_steps: int = flag(0, "linear warmup steps, then linear decay to 0", at_least(0))
     total_steps: int = 1000  # `train` derives it from --max_steps or --num_train_epochs
-    label_smoothing_factor: float = flag(0.0, "label smoothing of the cross-entropy")
-    max_grad_norm: float | None = flag(None, "clip gradients to this global norm")
-    gradient_accumulation_steps: int = flag(1, "micro-batches summed per optimizer step")
+    label_smoothing_factor: float = flag(0.0, "label smoothing of the cross-entropy", fraction)
+    max_grad_norm: float | None = flag(
+        None, "clip gradients to this global norm (0: no clipping)", at_least(0)
+    )
+    gradient_accumulation_steps: int = flag(
+        1, "micro-batches summed per optimizer step", at_least(1)
+    )
     # What trains, by NNX path (see trainable()): prefixes or whole-path regexes.
-    freeze: tuple[str, ...] = flag((), "NNX path prefixes or regexes not to train, e.g. encoder")
+    freeze: tuple[str, ...] = flag(
+        (), "NNX path prefixes or regexes not to train, e.g. encoder", regexes
+    )
     trainable: tuple[str, ...] = flag(
         (),
         "only the parameters these NNX path prefixes or regexes match train; the rest is "
         "frozen (default: all)",
+        regexes,
     )
     lora: bool = False  # train the LoRA adapters (lora.add_lora) and new_params; the rest frozen
     new_params: tuple[str, ...] = ()  # from_pretrained's new_params (flags.ModelArgs' flag)
@@ -168,21 +175,27 @@ def loss_and_grads(model, batch: dict[str, jax.Array], key: jax.Array, cfg: Trai
         (t, c), g = grad_fn(model, micro, jax.random.fold_in(key, i))
         grads = g if grads is None else jax.tree.map(jnp.add, grads, g)
         total, count = total + t, count + c
-    return total, count, jax.tree.map(lambda g: g / count, grads)
+    # A batch without a real token (every image in it failed to decode) adds no gradient,
+    # rather than 0 / 0.
+    return total, count, jax.tree.map(lambda g: g / jnp.maximum(count, 1.0), grads)
 
 
-def _train_step(graphdef, state, batch, step, cfg: TrainConfig):
+def _train_step(graphdef, state, batch, step, first_bad, cfg: TrainConfig):
+    """(new state, metrics, first_bad): first_bad, int32 (), is the first step (1-based) with
+    a non-finite loss or gradient norm, 0 while there is none."""
     model, optimizer = nnx.merge(graphdef, state)
     key = jax.random.fold_in(jax.random.key(cfg.seed), step)
     total, count, grads = loss_and_grads(model, batch, key, cfg)
     optimizer.update(model, grads)
     metrics = {
-        "loss": total / count,
+        "loss": total / jnp.maximum(count, 1.0),
         "tokens": count,
         "learning_rate": schedule(cfg)(step),
         "grad_norm": optax.global_norm(grads),
     }
-    return nnx.state((model, optimizer)), metrics
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+    first_bad = jnp.where((first_bad == 0) & ~finite, step + 1, first_bad)
+    return nnx.state((model, optimizer)), metrics, first_bad
 
 
 def split_micro_batches(batch: dict[str, jax.Array], k: int) -> list[dict[str, jax.Array]]:
@@ -217,7 +230,7 @@ class Trainer:
         optimizer = make_optimizer(model, cfg)
         self.graphdef, self.state = nnx.split((model, optimizer))
         self.step = 0
-        self._managers: dict = {}  # checkpoint folder -> (max_to_keep, its CheckpointManager)
+        self.checkpointer = Checkpointer()
         # The new state keeps the old one's shardings (the rules'), whatever XLA would prefer;
         # what the optimizer created off the mesh (its step count) is replicated on it.
         shardings = None
@@ -231,10 +244,17 @@ class Trainer:
         self._step = jax.jit(
             functools.partial(_train_step, self.graphdef, cfg=cfg),
             donate_argnums=(0,),
-            out_shardings=(shardings, None) if mesh is not None else None,
+            out_shardings=(shardings, None, None) if mesh is not None else None,
         )
         if mesh is not None:
             self.batch_sharding = batch_sharding(mesh)
+        self._first_bad = self._no_bad_step()
+
+    def _no_bad_step(self) -> jax.Array:
+        """The divergence flag of a finite state (replicated on the mesh)."""
+        if self.mesh is None:
+            return jnp.int32(0)
+        return jax.device_put(jnp.int32(0), NamedSharding(self.mesh, PartitionSpec()))
 
     @property
     def model(self) -> VisionEncoderDecoder:
@@ -259,7 +279,9 @@ class Trainer:
 
     def train_step(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         with _mesh_context(self.mesh):
-            self.state, metrics = self._step(self.state, self.put(batch), jnp.int32(self.step))
+            self.state, metrics, self._first_bad = self._step(
+                self.state, self.put(batch), jnp.int32(self.step), self._first_bad
+            )
         self.step += 1
         return metrics
 
@@ -271,114 +293,59 @@ class Trainer:
             )
         return scalar(total), scalar(count)
 
-    # Checkpoints ------------------------------------------------------------------------------
-    # orbax-checkpoint: the (model, optimizer) state as sharded arrays, each process writing and
-    # reading only its own shards; a step folder appears complete or not at all. The data
-    # position and the dropout keys are functions of (seed, step), so the step is all a resume
-    # needs besides the state.
-
-    def _manager(self, directory: str, keep: int | None = None):
-        import orbax.checkpoint as ocp
-
-        directory = os.path.abspath(directory)
-        kept, manager = self._managers.get(directory, (None, None))
-        if manager is not None and keep is not None and kept != keep:
-            manager.close()  # another limit for this folder: a manager that keeps it
-            manager = None
-        if manager is None:
-            options = ocp.CheckpointManagerOptions(
-                max_to_keep=keep or None,
-                step_prefix=STEP_PREFIX,
-                step_format_fixed_length=8,
-                enable_async_checkpointing=True,
-                cleanup_tmp_directories=True,  # what a save killed midway left behind
-            )
-            manager = ocp.CheckpointManager(
-                directory, options=options, item_names=("state", "meta")
-            )
-            self._managers[directory] = keep, manager
-        return manager
+    # Checkpoints (checkpointing.Checkpointer): the data position and the dropout keys are
+    # functions of (seed, step), so the step is all a resume needs besides the state.
 
     def save(
         self, directory: str, extra: dict | None = None, keep: int | None = None, block=True
     ) -> str:
         """Writes step_<N>/ in `directory`, keeping the newest `keep` (all when None); returns
         its path. Every process must call it. `block=False` returns once the arrays are copied
-        off the devices and writes in the background: call wait() before the process ends."""
-        import orbax.checkpoint as ocp
-
-        manager = self._manager(directory, keep)
-        if self.step not in manager.all_steps():  # a step is saved once
-            meta = {"step": self.step, "train_config": asdict(self.cfg), **(extra or {})}
-            items = dict(state=ocp.args.StandardSave(self.state), meta=ocp.args.JsonSave(meta))
-            manager.save(self.step, args=ocp.args.Composite(**items))
-        if block:
-            manager.wait_until_finished()
-        return os.path.join(directory, f"{STEP_PREFIX}_{self.step:08d}")
+        off the devices and writes in the background: call wait() before the process ends.
+        Diverged, and nothing written, when a step since the start had a non-finite loss or
+        gradient norm (or the state holds NaN or Inf)."""
+        self.check_finite()
+        meta = {"step": self.step, "train_config": asdict(self.cfg), **(extra or {})}
+        return self.checkpointer.save(directory, self.step, self.state, meta, keep, block)
 
     def wait(self) -> None:
-        """Waits for the checkpoints being written in the background."""
-        for _, manager in self._managers.values():
-            manager.wait_until_finished()
+        """Waits for the checkpoints being written in the background (SaveFailed if one
+        failed)."""
+        self.checkpointer.wait()
 
     def restore(self, checkpoint: str) -> dict:
-        """Loads a step_<N>/ folder into the current state, onto its shardings (a checkpoint
-        saved on another mesh or device count restores too); each process reads only its own
-        shards."""
-        import orbax.checkpoint as ocp
+        """Loads a step_<N>/ folder into the current state, onto its shardings, after checking
+        it (Checkpointer.restore); returns its metadata."""
+        state, meta = self.checkpointer.restore(checkpoint, self.state)
+        self._resume(state, meta)
+        return meta
 
-        self.wait()
-        directory, name = os.path.split(os.path.abspath(checkpoint))
-        step = int(name.removeprefix(f"{STEP_PREFIX}_"))
-        target = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.state
-        )
-        items = dict(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore())
-        try:
-            out = self._manager(directory).restore(step, args=ocp.args.Composite(**items))
-        except (FileNotFoundError, ValueError, KeyError) as err:
-            raise CheckpointError(f"{checkpoint}: cannot restore it: {err}") from None
-        floats = [
-            (path, var[...])
-            for path, var in nnx.to_flat_state(out["state"])
-            if jnp.issubdtype(var[...].dtype, jnp.floating)
-        ]
-        # One program and one transfer to the host for the whole state, not one per array
-        # (nor many small programs with collectives in flight at once, which can deadlock
-        # XLA's CPU collectives).
-        finite = jax.device_get(_all_finite([v for _, v in floats]))
-        for (path, _), ok in zip(floats, finite, strict=True):
-            if not ok:
-                raise NonFiniteError(
-                    f"{checkpoint}: {path_str(path)!r} holds NaN or Inf: the run had diverged "
-                    f"when this checkpoint was saved. Move {checkpoint} away to resume from the "
-                    "one before it"
-                )
-        self.state = out["state"]
-        self.step = int(out["meta"]["step"])
-        return out["meta"]
+    def restore_newest(self, directory: str) -> tuple[dict, str]:
+        """Loads the newest checkpoint in `directory` that passes its checks, refusing (and
+        moving aside) those that do not; returns its (metadata, path)."""
+        state, meta, path = self.checkpointer.restore_newest(directory, self.state)
+        self._resume(state, meta)
+        return meta, path
 
+    def _resume(self, state: nnx.State, meta: dict) -> None:
+        self.state, self.step = state, int(meta["step"])
+        self._first_bad = self._no_bad_step()
 
-@jax.jit
-def _all_finite(arrays: list[jax.Array]) -> jax.Array:
-    """bool (len(arrays),): whether each array is free of NaN and Inf."""
-    return jnp.stack([jnp.isfinite(a).all() for a in arrays])
+    # Divergence: the step records the first step whose loss or gradient norm was not finite
+    # in a device scalar; reading it waits for the steps before, so it is read where the loop
+    # waits anyway (logging, evaluation, saving), not at every step.
 
+    def diverged_at(self) -> int | None:
+        """The first step (1-based, as logged) whose loss or gradient norm was NaN or Inf."""
+        return int(scalar(self._first_bad)) or None
 
-STEP_PREFIX = "step"  # checkpoints are step_00000008 and so on
-
-
-def checkpoints(directory: str) -> list[str]:
-    """Complete checkpoints in `directory`, oldest first (a save in progress or killed midway
-    has a temporary name until orbax commits it)."""
-    if not os.path.isdir(directory):
-        return []
-    names = sorted(n for n in os.listdir(directory) if re.fullmatch(rf"{STEP_PREFIX}_\d{{8}}", n))
-    return [
-        os.path.join(directory, n)
-        for n in names
-        if os.path.exists(os.path.join(directory, n, "_CHECKPOINT_METADATA"))
-    ]
+    def check_finite(self) -> None:
+        """Diverged when a step since the start (or the last restore) was not finite."""
+        step = self.diverged_at()
+        if step is not None:
+            raise Diverged(
+                f"training diverged: the loss or gradient norm was NaN or Inf at step {step}"
+            )
 
 
 class _mesh_context:

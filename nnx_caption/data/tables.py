@@ -158,7 +158,8 @@ def _caption_file(path: str, split: str, restval: bool, base: str) -> Rows | Non
                 (n, {"image": names.get(note.get("image_id")), "caption": note.get("caption")})
                 for n, note in enumerate(data["annotations"], start=1)
             ]
-        if images and all(isinstance(image, dict) and "sentences" in image for image in images):
+        records = bool(images) and all(isinstance(image, dict) for image in images)
+        if records and all("sentences" in image for image in images):  # Karpathy
             wanted = KARPATHY_SPLITS[split] + (("restval",) if restval and split == "train" else ())
             return [
                 (
@@ -172,6 +173,12 @@ def _caption_file(path: str, split: str, restval: bool, base: str) -> Rows | Non
                 if image.get("split") in wanted
                 for sentence in image["sentences"]
             ]
+        if records:
+            raise DataError(
+                f"{path}: has COCO's 'images' but no 'annotations' list of captions (nor "
+                "Karpathy's 'sentences' in its images): pass a COCO captions file "
+                "(annotations/captions_*.json, not instances_*.json) or a Karpathy split file"
+            )
     except (KeyError, TypeError, AttributeError) as err:
         raise DataError(
             f"{path}: a COCO captions or Karpathy split file with a malformed entry ({err!r}): "

@@ -3,97 +3,20 @@ transformers loads, and resumes exactly after SIGKILL or SIGTERM."""
 
 from __future__ import annotations
 
-import csv
 import html
 import json
 import os
 import re
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from flax import nnx
 from PIL import Image
+from shapes_runs import cli, launch, params, read_scalars, train_args, wait_for
 
 import nnx_caption as nc
-from nnx_caption.config import CaptionConfig, GPT2Config, ViTConfig
-from nnx_caption.data import load_split, make_shapes, train_caption_tokenizer
 from nnx_caption.metrics import caption_metrics
-from nnx_caption.processing import ImageProcessor, Tokenizer
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("shapes")
-    splits = make_shapes(str(root / "data"), n_train=256, n_validation=32, n_test=32, seed=1)
-    init = root / "init"
-    init.mkdir()
-    captions = [e.caption for e in load_split(splits["train"], "file_name", "text").examples]
-    train_caption_tokenizer(captions, str(init))
-    tok = Tokenizer.from_pretrained(init)
-    ImageProcessor(size=32).save_pretrained(init)
-    eos = tok.eos_token_id
-    config = CaptionConfig(
-        encoder=ViTConfig(
-            hidden_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            intermediate_size=64,
-            image_size=32,
-            patch_size=8,
-        ),
-        decoder=GPT2Config(
-            vocab_size=tok.vocab_size,
-            n_positions=20,
-            n_embd=32,
-            n_layer=1,
-            n_head=2,
-            bos_token_id=eos,
-            eos_token_id=eos,
-        ),
-        decoder_start_token_id=eos,
-        pad_token_id=eos,
-        eos_token_id=eos,
-    )
-    nc.save_pretrained(nc.VisionEncoderDecoder(config, rngs=nnx.Rngs(0)), init)
-    # The same data as csv files with HF's example columns (image_path, caption).
-    for name in ("train", "validation"):
-        rows = [json.loads(line) for line in open(Path(splits[name]) / "metadata.jsonl")]
-        with open(root / f"{name}.csv", "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["image_path", "caption"])
-            for r in rows:
-                writer.writerow([str(Path(splits[name]) / r["file_name"]), r["text"]])
-            if name == "validation":  # COCO-style: a second reference for 8 of the images
-                for r in rows[:8]:
-                    writer.writerow([str(Path(splits[name]) / r["file_name"]), "a picture"])
-    return dict(root=root, init=init, splits=splits)
-
-
-def read_scalars(path: Path) -> dict[str, list[float]]:
-    """Scalars of a TensorBoard event file: records of (length, crc, Event proto, crc)."""
-    import struct
-
-    from tensorboardX.proto.event_pb2 import Event
-
-    data, scalars, pos = path.read_bytes(), {}, 0
-    while pos < len(data):
-        (n,) = struct.unpack("<Q", data[pos : pos + 8])
-        event = Event.FromString(data[pos + 12 : pos + 12 + n])
-        pos += 12 + n + 4
-        for value in event.summary.value:
-            scalars.setdefault(value.tag, []).append(value.simple_value)
-    return scalars
-
-
-def cli(*args: str, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "nnx_caption.cli", *args], text=True, capture_output=True, **kw
-    )
 
 
 def test_hf_example_command_trains_evaluates_and_exports(setup, tmp_path):
@@ -185,101 +108,49 @@ def test_hf_example_command_trains_evaluates_and_exports(setup, tmp_path):
     np.testing.assert_allclose(ours(pixels, ids), want, atol=1e-4)
 
 
-def _train_args(setup, out: Path) -> list[str]:
-    return [
-        "train",
-        "--output_dir",
-        str(out),
-        "--model_name_or_path",
-        str(setup["init"]),
-        "--train_file",
-        setup["splits"]["train"],
-        "--image_column",
-        "file_name",
-        "--caption_column",
-        "text",
-        "--do_train",
-        "--max_steps",
-        "24",
-        "--save_steps",
-        "4",
-        "--per_device_train_batch_size",
-        "16",
-        "--learning_rate",
-        "1e-3",
-        "--logging_steps",
-        "4",
-        "--max_target_length",
-        "16",
-        "--seed",
-        "3",
-    ]
-
-
-def _params(path: Path) -> dict[str, np.ndarray]:
-    model = nc.from_pretrained(path)
-    return {
-        ".".join(map(str, p)): np.asarray(v[...])
-        for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
-    }
-
-
-def _launch(setup, out: Path, stderr=subprocess.DEVNULL) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "nnx_caption.cli", *_train_args(setup, out)],
-        stdout=subprocess.DEVNULL,
-        stderr=stderr,
-    )
-
-
-def _wait_for(proc: subprocess.Popen, path: Path, pattern: str | None = None) -> None:
-    """Until `path` exists (or, with a pattern, something in it matches)."""
-    deadline = time.time() + 240
-    while not (any(path.glob(pattern)) if pattern else path.exists()):
-        assert proc.poll() is None and time.time() < deadline, f"{path} did not appear"
-        time.sleep(0.01)
-
-
 def test_killed_at_any_point_the_same_command_ends_as_the_straight_run(setup, tmp_path):
     """SIGKILL before the first checkpoint, SIGTERM (a clean save, exit 0), SIGKILL as soon as
     the step-16 checkpoint starts being written (in the background, so mostly mid-save): each
     time the same command goes on, and the last one ends with the weights of a run that was
     never interrupted, bit for bit. Another global batch is then refused."""
-    straight = cli(*_train_args(setup, tmp_path / "straight"))
+    straight = cli(*train_args(setup, tmp_path / "straight"))
     assert straight.returncode == 0, straight.stderr[-3000:]
     out, checkpoints = tmp_path / "killed", tmp_path / "killed" / "checkpoints"
 
-    proc = _launch(setup, out)  # killed before its first checkpoint
-    _wait_for(proc, out / "train_args.json")
+    proc = launch(setup, out)  # killed before its first checkpoint
+    wait_for(proc, out / "train_args.json")
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not list(checkpoints.glob("step_*"))
+    assert (out / "train.lock").exists()  # the killed run's: taken over below
 
     log = tmp_path / "sigterm.log"
     with open(log, "w") as stderr:  # SIGTERM: saves at the next step boundary, exits 0
-        proc = _launch(setup, out, stderr)
-        _wait_for(proc, checkpoints / "step_00000008" / "_CHECKPOINT_METADATA")
+        proc = launch(setup, out, stderr)
+        wait_for(proc, checkpoints / "step_00000008" / "_CHECKPOINT_METADATA")
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=240)
     err = log.read_text()
     assert proc.returncode == 0, err[-3000:]
     assert "starting over" in err and "SIGTERM: saved step" in err
+    assert "taking over the lock of a run that is gone" in err
+    assert not (out / "train.lock").exists()  # released at the clean stop
     assert not (out / "config.json").exists()  # it stopped mid-run, before the export
 
-    proc = _launch(setup, out)  # SIGKILL during an async save
-    _wait_for(proc, checkpoints, "step_00000016*")  # the temporary folder orbax writes first
+    proc = launch(setup, out)  # SIGKILL during an async save
+    wait_for(proc, checkpoints, "step_00000016*")  # the temporary folder orbax writes first
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (out / "config.json").exists()
 
-    resumed = cli(*_train_args(setup, out))
+    resumed = cli(*train_args(setup, out))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stderr
-    want, got = _params(tmp_path / "straight"), _params(out)
+    want, got = params(tmp_path / "straight"), params(out)
     for name in want:
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
     # Resumed with another global batch, the data position would point at other examples.
-    other = cli(*_train_args(setup, out), "--per_device_train_batch_size", "8")
+    other = cli(*train_args(setup, out), "--per_device_train_batch_size", "8")
     assert other.returncode == 2 and "global batch of 16" in other.stderr, other.stderr[-2000:]
 
 
@@ -296,6 +167,8 @@ def test_bad_flags_and_data_stop_before_training(setup, tmp_path):
         "--do_train",
         "--image_column",
         "picture",
+        "--max_target_length",
+        "16",
     )
     assert proc.returncode == 2 and "picture" in proc.stderr and "train.csv" in proc.stderr
     proc = cli(
@@ -320,6 +193,8 @@ def test_bad_flags_and_data_stop_before_training(setup, tmp_path):
         "--do_train",
         "--image_column",
         "image_path",
+        "--max_target_length",
+        "16",
     )
     assert proc.returncode == 2 and "--overwrite_output_dir" in proc.stderr
     assert (tmp_path / "busy" / "notes.txt").read_text() == "mine"
@@ -345,13 +220,13 @@ def test_help_documents_every_flag():
 
 def test_lora_run_exports_plain_weights(setup, tmp_path):
     out = tmp_path / "lora"
-    args = _train_args(setup, out)
+    args = train_args(setup, out)
     args[args.index("--max_steps") + 1] = "4"
     # Also the uncached image path: every batch decoded on demand by worker processes.
     proc = cli(*args, "--lora_rank", "4", "--image_cache_gb", "0")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "LoRA rank 4" in proc.stderr
-    merged, init = _params(out), _params(setup["init"])  # strict load: no adapter tensors left
+    merged, init = params(out), params(setup["init"])  # strict load: no adapter tensors left
     assert set(merged) == set(init)
     moved = [k for k in merged if not np.array_equal(merged[k], init[k])]
     assert moved and all(k.endswith("kernel") for k in moved)  # only adapted kernels changed
@@ -362,7 +237,7 @@ def test_speed_flags_train(setup, tmp_path):
     remat with a policy, wired through the CLI: the run trains; bad values stop it before
     training, naming the flag."""
     out = tmp_path / "fast"
-    args = _train_args(setup, out)
+    args = train_args(setup, out)
     args[args.index("--max_steps") + 1] = "8"
     proc = cli(
         *args,
@@ -377,7 +252,7 @@ def test_speed_flags_train(setup, tmp_path):
     losses = [r["loss"] for r in map(json.loads, open(out / "metrics.jsonl")) if "loss" in r]
     assert len(losses) == 2 and losses[-1] < losses[0]
     for flag, value in (("--captions_per_image", "3"), ("--remat_policy", "keep_all")):
-        proc = cli(*_train_args(setup, tmp_path / flag.strip("-")), flag, value)
+        proc = cli(*train_args(setup, tmp_path / flag.strip("-")), flag, value)
         assert proc.returncode == 2 and flag in proc.stderr, proc.stderr[-2000:]
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import shutil
 
 import jax.numpy as jnp
@@ -317,10 +318,15 @@ def test_hub_repo_from_the_cache(monkeypatch, saved, tmp_path):
 
 def test_training_checkpoints_restore_exactly_and_refuse_a_diverged_one(saved, tmp_path):
     """The trainer's orbax checkpoint (model and optimizer state, step) restores into a fresh
-    trainer exactly; one saved after the run diverged (a NaN in the optimizer state) is refused,
-    naming the array and saying what to do."""
+    trainer exactly. A state holding NaN (a diverged run's) is never saved; one saved without
+    that check (orbax's own save, as an earlier nnx-caption did) is refused at restore, naming
+    the array and saying what to do."""
+    import orbax.checkpoint as ocp
+
+    from nnx_caption.checkpointing import checkpoints
+    from nnx_caption.errors import Diverged
     from nnx_caption.safetensors_io import NonFiniteError
-    from nnx_caption.train import TrainConfig, Trainer, checkpoints
+    from nnx_caption.train import TrainConfig, Trainer
 
     trainer = Trainer(nc.from_pretrained(saved), TrainConfig(total_steps=2))
     trainer.step = 3
@@ -336,18 +342,29 @@ def test_training_checkpoints_restore_exactly_and_refuse_a_diverged_one(saved, t
     flat = dict(nnx.to_flat_state(trainer.state))
     path = next(p for p in flat if "wpe" in map(str, p) and "mu" in map(str, p))
     flat[path][...] = flat[path][...].at[0, 0].set(jnp.nan)
+    name = ".".join(map(str, path))
     trainer.step = 4
-    diverged = trainer.save(str(tmp_path / "checkpoints"))
+    with pytest.raises(Diverged, match=re.escape(name)):
+        trainer.save(str(tmp_path / "checkpoints"))
+    assert checkpoints(str(tmp_path / "checkpoints")) == [first]  # nothing written
+    manager = ocp.CheckpointManager(
+        str(tmp_path / "checkpoints"), options=ocp.CheckpointManagerOptions(step_prefix="step",
+        step_format_fixed_length=8), item_names=("state", "meta")
+    )  # fmt: skip
+    items = dict(state=ocp.args.StandardSave(trainer.state), meta=ocp.args.JsonSave({"step": 4}))
+    manager.save(4, args=ocp.args.Composite(**items))
+    manager.wait_until_finished()
+    diverged = checkpoints(str(tmp_path / "checkpoints"))[-1]
     with pytest.raises(NonFiniteError) as err:
         fresh.restore(diverged)
-    name = ".".join(map(str, path))
     assert repr(name) in str(err.value) and f"Move {diverged} away" in str(err.value)
 
 
 def test_checkpoints_keep_the_newest_as_many_as_asked(saved, tmp_path):
     """save(keep=N) keeps the newest N step folders, also when an earlier save in the same
     folder asked for another limit (or none)."""
-    from nnx_caption.train import TrainConfig, Trainer, checkpoints
+    from nnx_caption.checkpointing import checkpoints
+    from nnx_caption.train import TrainConfig, Trainer
 
     trainer = Trainer(nc.from_pretrained(saved), TrainConfig(total_steps=2))
     folder = str(tmp_path / "checkpoints")
@@ -355,3 +372,71 @@ def test_checkpoints_keep_the_newest_as_many_as_asked(saved, tmp_path):
         trainer.step = step
         trainer.save(folder, keep=keep)
     assert [os.path.basename(c) for c in checkpoints(folder)] == ["step_00000004", "step_00000005"]
+
+
+def test_checksums_see_one_changed_bit_and_two_swapped_elements(saved):
+    """Each array's checksum changes when one bit of one element does, or when two elements
+    trade places (the index is part of what is hashed)."""
+    from nnx_caption.checkpointing import fingerprint
+
+    model = nc.from_pretrained(saved)
+    state = nnx.state(model, nnx.Param)
+    before = fingerprint(state)
+    flat = dict(nnx.to_flat_state(state))
+    path = next(p for p in flat if "wte" in map(str, p))
+    name = ".".join(map(str, path))
+    table = np.asarray(flat[path][...])
+    flipped = table.copy()
+    flipped.view(np.uint32)[3, 5] ^= 1  # the lowest mantissa bit
+    swapped = table.copy()
+    swapped[[0, 1]] = swapped[[1, 0]]
+    for changed in (flipped, swapped):
+        flat[path][...] = jnp.asarray(changed)
+        after = fingerprint(state)
+        assert after[name][0] != before[name][0]
+        assert {k: v for k, v in after.items() if k != name} == {
+            k: v for k, v in before.items() if k != name
+        }
+    flat[path][...] = jnp.asarray(table)
+    assert fingerprint(state) == before
+
+
+FAILING_WRITE = """
+import resource, signal, sys, time
+import nnx_caption as nc
+from nnx_caption.checkpointing import SaveFailed
+from nnx_caption.train import TrainConfig, Trainer
+
+trainer = Trainer(nc.from_pretrained(sys.argv[1]), TrainConfig(total_steps=2))
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG
+resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+trainer.step = 1
+trainer.save(sys.argv[2], block=False)
+for polls in range(1, 3001):  # the step boundaries a train loop would poll at
+    try:
+        trainer.checkpointer.raise_if_failed()
+    except SaveFailed as err:
+        print(polls, err)
+        break
+    time.sleep(0.01)
+"""
+
+
+def test_a_save_that_fails_in_the_background_is_raised_by_the_next_poll(saved, tmp_path):
+    """raise_if_failed, which the train loop calls at each step boundary, raises the failure
+    of a background save once it has happened, with no further save needed; until then it
+    returns at once."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "failing_write.py"
+    script.write_text(FAILING_WRITE)
+    folder = tmp_path / "checkpoints"
+    done = subprocess.run(
+        [sys.executable, str(script), str(saved), str(folder)], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    polls, message = done.stdout.strip().split(" ", 1)
+    assert 1 <= int(polls) < 3000
+    assert message.startswith(f"saving {folder / 'step_00000001'} failed: File too large")
+    assert "The last complete checkpoint is none" in message

@@ -29,11 +29,12 @@ from jax.experimental import multihost_utils  # noqa: E402
 
 import nnx_caption as nc  # noqa: E402
 from nnx_caption import data  # noqa: E402
+from nnx_caption.checkpointing import checkpoints  # noqa: E402
 from nnx_caption.hf import path_str  # noqa: E402
 from nnx_caption.preemption import Preemption  # noqa: E402
 from nnx_caption.processing import ImageProcessor, Tokenizer  # noqa: E402
 from nnx_caption.sharding import make_mesh, scalar  # noqa: E402
-from nnx_caption.train import TrainConfig, Trainer, checkpoints  # noqa: E402
+from nnx_caption.train import TrainConfig, Trainer  # noqa: E402
 
 TINY = os.path.join(os.path.dirname(__file__), "..", "..", "weights", "tiny")
 CFG = TrainConfig(
