@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nnx_caption import processes
+from nnx_caption.distributed import DistributedArgs
 from nnx_caption.flags import (
     ModelArgs,
     UsageError,
@@ -142,7 +144,7 @@ def peak_memory() -> tuple[int, str]:
 
 
 @dataclasses.dataclass(frozen=True)
-class BenchArgs(ModelArgs):
+class BenchArgs(ModelArgs, DistributedArgs):
     """What to time, and how. The flags of `bench` are these and the model's (ModelArgs,
     spelled as `train` spells them)."""
 
@@ -287,6 +289,7 @@ def bench_decode(model, a: BenchArgs, mesh, pixels: np.ndarray | None = None) ->
         flops_per_step=work,
         analytic_flops_per_step=work,
         images=images,
+        global_batch=images,
         num_beams=a.num_beams,
         max_length=a.max_length,
         sequences=outputs[-1].sequences,  # for the peer benchmarks; run() drops it
@@ -324,10 +327,11 @@ def run(a: BenchArgs, command: str = "") -> list[dict]:
         r = bench(model, a, mesh)
         r.pop("sequences", None)  # the peer benchmarks compare them; bench.json has no use
         r["tflops"] = r["flops_per_step"] / r["step_time_s"] / 1e12
+        r["examples_per_s_per_device"] = r["examples_per_s"] / jax.device_count()
         r["mfu"] = peak and r["flops_per_step"] / r["step_time_s"] / peak
         r["peak_memory_bytes"], r["peak_memory_source"] = peak_memory()
         results.append({**r, **common})
-    if jax.process_index() == 0:
+    if processes.is_main():  # every process measured its part; process 0 writes
         os.makedirs(a.output_dir, exist_ok=True)
         with open(os.path.join(a.output_dir, "bench.json"), "w", encoding="utf-8") as f:
             json.dump(results, f, indent=2)

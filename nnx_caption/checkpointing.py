@@ -33,8 +33,8 @@ from jax import lax
 
 from nnx_caption.errors import Diverged, RunError
 from nnx_caption.hf import listing, path_str
+from nnx_caption.processes import any_process
 from nnx_caption.safetensors_io import CheckpointError, NonFiniteError
-from nnx_caption.sharding import any_process
 
 log = logging.getLogger(__name__)
 

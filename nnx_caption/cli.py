@@ -5,17 +5,22 @@ from __future__ import annotations
 import argparse
 import errno
 import functools
+import inspect
 import logging
 import os
 import sys
 import traceback
 
+from jax.errors import JaxRuntimeError
+
+from nnx_caption import processes
 from nnx_caption.checkpointing import quiet_failed_writes
 from nnx_caption.config import ConfigError
 from nnx_caption.data import DataError
+from nnx_caption.distributed import DistributedArgs, start
 from nnx_caption.edits import ModelClassError
 from nnx_caption.errors import RunError
-from nnx_caption.flags import UsageError, add_argument
+from nnx_caption.flags import UsageError, add_argument, add_flags, from_namespace
 from nnx_caption.predict import predict
 from nnx_caption.preemption import Preempted
 from nnx_caption.safetensors_io import CheckpointError
@@ -136,6 +141,7 @@ def _add_predict(sub) -> None:
     p.add_argument("--limit", type=int, help="caption only the first N images")
     add_argument(p, "gallery_size", type=int, default=1000, help="images shown in gallery.html")
     _add_source_flags(p)
+    add_flags(p, DistributedArgs)
 
 
 def _add_source_flags(p: argparse.ArgumentParser) -> None:
@@ -151,10 +157,11 @@ MODEL_CLASS_HELP = (
 
 
 def _predict(args: argparse.Namespace) -> None:
-    options = {
-        k: v for k, v in vars(args).items() if k not in ("command", "model", "inputs", "debug")
-    }
-    summary = predict(args.model, args.inputs, **options)  # its flags are named as its options
+    named = inspect.signature(predict).parameters  # its flags are named as its options
+    options = {k: v for k, v in vars(args).items() if k in named and k not in ("model", "inputs")}
+    summary = predict(args.model, args.inputs, **options)
+    if not processes.is_main():  # process 0 wrote the files and says so
+        return
     if "CIDEr" in summary:
         from nnx_caption.gallery import summary as score_line
 
@@ -171,6 +178,8 @@ def _bench(args: argparse.Namespace, argv: list[str]) -> None:
 
     options = bench.args_from_namespace(args)
     results = bench.run(options, command=" ".join(["nnx-caption", *argv]))
+    if not processes.is_main():  # process 0 wrote bench.json and says so
+        return
     print(bench.table(results))
     print(f"{results[0]['peak_source']}; wrote {os.path.join(options.output_dir, 'bench.json')}")
 
@@ -280,6 +289,10 @@ def main(argv: list[str] | None = None) -> int:
         return status
 
     try:
+        if args.command in ("train", "predict", "bench"):  # they compute: on N processes too
+            start(from_namespace(DistributedArgs, args))
+            if not processes.is_main():  # info from process 0; warnings and errors from all
+                logging.getLogger("nnx_caption").setLevel(logging.WARNING)
         if args.command == "compose":
             _compose(args)
         elif args.command in ("convert", "export"):
@@ -307,6 +320,13 @@ def main(argv: list[str] | None = None) -> int:
         return fail(err, 1)
     except OSError as err:  # the disk, a folder's permissions, a path that went away
         return fail(_os_error(err), 1)
+    except JaxRuntimeError as err:  # out of device memory; a collective whose peer is gone
+        cause = (str(err).splitlines() or [type(err).__name__])[0]
+        return fail(
+            f"{cause}. The run stopped; where another process of a multi-process run was "
+            "lost, the same commands resume from the last checkpoint",
+            1,
+        )
     return 0
 
 

@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from nnx_caption import processes
 from nnx_caption.config import (
     CaptionConfig,
     ConfigError,
@@ -44,7 +45,7 @@ from nnx_caption.safetensors_io import (
     SafetensorsReader,
     write_safetensors,
 )
-from nnx_caption.sharding import param_sharding, place
+from nnx_caption.sharding import param_sharding, place, to_host
 
 logger = logging.getLogger("nnx_caption")
 
@@ -673,6 +674,9 @@ def save_pretrained(
     A folder holding other weights (the other layout, HF shards, PyTorch pickles) is refused
     unless `overwrite`: then they are deleted once the new weights are written, since
     from_pretrained would otherwise pick them.
+    In a multi-process run every process calls it: each tensor sharded across processes is
+    all-gathered in turn (so each process holds about one tensor more, never the model) and
+    process 0 writes; every process returns once the files are final.
     """
     if layout not in ("hf", "nnx"):
         raise ValueError(f"layout must be 'hf' or 'nnx', got {layout!r}")
@@ -692,7 +696,7 @@ def save_pretrained(
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         name, value = path_str(path), var[...]
         if layout == "nnx":
-            specs.append((name, value.shape, value.dtype, lambda v=value: np.asarray(v)))
+            specs.append((name, value.shape, value.dtype, lambda v=value: to_host(v)))
             continue
         if name in unnamed:
             continue
@@ -702,7 +706,7 @@ def save_pretrained(
                 hf_name,
                 t.hf_shape(value.shape),
                 value.dtype,
-                lambda v=value, t=t: t.to_hf(np.asarray(v)),
+                lambda v=value, t=t: t.to_hf(to_host(v)),
             )
         )
     if unnamed:
@@ -724,16 +728,23 @@ def save_pretrained(
             (f"encoder.pooler.dense.{n}", s, np.float32, lambda s=s: np.zeros(s, np.float32))
             for n, s in (("weight", (e, e)), ("bias", (e,)))
         ]
+    specs.sort(key=lambda s: s[0])
+    if not processes.is_main():  # it takes part in gathering each tensor, in the same order
+        for *_, produce in specs:
+            produce()
+        processes.barrier("save_pretrained")  # returns once process 0's files are final
+        return
     os.makedirs(out_dir, exist_ok=True)
     meta = (
         {**NNX_FORMAT, "model_class": class_spec(type(model))}
         if layout == "nnx"
         else {"format": "pt"}  # transformers checks "pt"
     )
-    write_safetensors(target, sorted(specs, key=lambda s: s[0]), meta)
+    write_safetensors(target, specs, meta)
     for other in others:  # only after the new weights are complete
         os.remove(other)
     write_config(config, out_dir)
+    processes.barrier("save_pretrained")
 
 
 __all__ = [

@@ -17,9 +17,10 @@ import jax
 import numpy as np
 
 from nnx_caption import data as data_lib
-from nnx_caption import gallery, rundir
+from nnx_caption import gallery, processes, rundir
 from nnx_caption.checkpointing import checkpoints
 from nnx_caption.config import read_config
+from nnx_caption.distributed import DistributedArgs
 from nnx_caption.errors import Diverged, RunError
 from nnx_caption.files import replacing
 from nnx_caption.flags import (
@@ -39,12 +40,11 @@ from nnx_caption.plots import METRICS_FILE, plot_run
 from nnx_caption.preemption import Preempted, Preemption
 from nnx_caption.processing import ImageProcessor, Tokenizer
 from nnx_caption.progress import first_call, log
-from nnx_caption.sharding import any_process
 from nnx_caption.train import TrainConfig, Trainer
 
 
 @dataclass(frozen=True)
-class TrainArgs(ModelArgs, TrainConfig):
+class TrainArgs(ModelArgs, TrainConfig, DistributedArgs):
     """Data, evaluation, checkpoints and output. The flags of `train` are these (HF's
     run_image_captioning_flax.py's, same names and meaning, then ours), ModelArgs' and
     TrainConfig's; run() sets TrainConfig's other fields (total_steps from --max_steps or
@@ -210,13 +210,6 @@ def _check_lengths(a: TrainArgs, config) -> None:
         )
 
 
-def _write_run_args(a: TrainArgs) -> None:
-    """train_args.json, the run's flags (secrets masked), written first: the folder is a run's."""
-    if jax.process_index() == 0:
-        with replacing(os.path.join(a.output_dir, rundir.RUN_MARKER), encoding="utf-8") as f:
-            json.dump(public_values(a), f, indent=2)
-
-
 def hf_dataset_split(a: TrainArgs, split: str, limit: int | None) -> data_lib.Split:
     """One split of an HF `datasets` dataset (e.g. --dataset_name imagefolder --data_dir DIR).
     Image columns holding decoded images are written once as PNG files under output_dir, so
@@ -238,7 +231,8 @@ def hf_dataset_split(a: TrainArgs, split: str, limit: int | None) -> data_lib.Sp
                 f"(columns: {', '.join(ds.column_names)})"
             )
     image_dir = os.path.join(a.output_dir, "dataset_images", split)
-    os.makedirs(image_dir, exist_ok=True)
+    if processes.is_main():
+        os.makedirs(image_dir, exist_ok=True)
     examples, skipped = [], []
     for i, row in enumerate(ds):
         image, caption = row[a.image_column], row[a.caption_column]
@@ -250,11 +244,13 @@ def hf_dataset_split(a: TrainArgs, split: str, limit: int | None) -> data_lib.Sp
             path = os.path.abspath(os.path.join(a.data_dir or "", image))
         else:
             path = os.path.join(image_dir, f"{i:08d}.png")
-            if not os.path.exists(path):
-                image.save(path)
+            if processes.is_main() and not os.path.exists(path):  # the others read it
+                with replacing(path, "wb") as f:
+                    image.save(f, format="PNG")
         examples.append(data_lib.Example(path, caption))
         if limit is not None and len(examples) == limit:
             break
+    processes.barrier(f"dataset_images {split}")  # written before any process reads them
     return data_lib.Split(examples, skipped)
 
 
@@ -290,9 +286,10 @@ def _dataset(
             f"{name}: skipped {len(skipped)} of {len(skipped) + len(ds)} rows; first: "
             + "; ".join(f"{where}: {why}" for where, why in skipped[:3])
         )
-        with open(os.path.join(a.output_dir, f"skipped_{name}.jsonl"), "w") as f:
-            for where, why in skipped:
-                f.write(json.dumps({"row": where, "reason": why}) + "\n")
+        if processes.is_main():
+            with replacing(os.path.join(a.output_dir, f"skipped_{name}.jsonl")) as f:
+                for where, why in skipped:
+                    f.write(json.dumps({"row": where, "reason": why}) + "\n")
     if len(ds) == 0:
         raise UsageError(f"{path or a.dataset_name}: no usable rows ({len(skipped)} skipped)")
     log(f"{name}: {len(ds)} examples from {path or a.dataset_name}")
@@ -305,32 +302,38 @@ def run(a: TrainArgs) -> dict:
     the directory is then held by this run alone (rundir.RunLock) until it ends."""
     _check_args(a)
     mesh = a.mesh()  # a UsageError when the --mesh_* flags do not fit the devices
+    if mesh is not None:
+        log(f"mesh {dict(mesh.shape)} over {jax.device_count()} devices")
     source = resolve(a.model_name_or_path)
     _check_lengths(a, read_config(source))
     lock = rundir.RunLock(a.output_dir)
-    error = None
-    if jax.process_index() == 0:  # one lock per run: process 0 takes it for all
-        try:
-            lock.acquire()
-        except UsageError as err:
-            error = err
-    if any_process(error is not None):
-        raise error or UsageError(f"process 0 could not take {lock.path}: see its error")
+    todo = processes.from_main(lambda: _take(a, lock), (UsageError, OSError))
     try:
-        return _run(a, mesh, source, lock)
+        return _run(a, mesh, source, lock, todo)
     finally:
-        if jax.process_index() == 0:
+        if processes.is_main():
             lock.release()
 
 
-def _run(a: TrainArgs, mesh, source: str, lock: rundir.RunLock) -> dict:
-    todo = rundir.plan(a.output_dir, a.overwrite_output_dir, a.do_train)
-    if jax.process_index() == 0:
+def _take(a: TrainArgs, lock: rundir.RunLock) -> str:
+    """Process 0's part of a start: the run directory's lock, what to do there (rundir.plan),
+    and train_args.json; what an earlier run's cut-off writes left is removed."""
+    lock.acquire()
+    try:
+        todo = rundir.plan(a.output_dir, a.overwrite_output_dir, a.do_train)
         stale = rundir.remove_stale_temporary_files(a.output_dir)
         if stale:
             log(f"removed what writes cut off by an earlier run left: {', '.join(stale)}")
-    if a.do_train:
-        _write_run_args(a)
+        if a.do_train:  # the run's flags, secrets masked, written first: the folder is a run's
+            with replacing(os.path.join(a.output_dir, rundir.RUN_MARKER), encoding="utf-8") as f:
+                json.dump(public_values(a), f, indent=2)
+    except BaseException:
+        lock.release()
+        raise
+    return todo
+
+
+def _run(a: TrainArgs, mesh, source: str, lock: rundir.RunLock, todo: str) -> dict:
     ckpt_dir = os.path.join(a.output_dir, rundir.CHECKPOINTS)
     devices = jax.device_count()
     model = a.load(source, mesh, seed=a.seed)
@@ -374,7 +377,7 @@ def _run(a: TrainArgs, mesh, source: str, lock: rundir.RunLock) -> dict:
     trainer = Trainer(model, tcfg, mesh)
     if todo == "resume":
         _resume(trainer, ckpt_dir, a, global_batch, devices)
-    elif todo in ("fresh", "start over") and jax.process_index() == 0:
+    elif todo in ("fresh", "start over") and processes.is_main():
         if todo == "start over":
             where = a.output_dir
             log(f"{where}: the earlier run stopped before its first checkpoint: starting over")
@@ -384,14 +387,15 @@ def _run(a: TrainArgs, mesh, source: str, lock: rundir.RunLock) -> dict:
 
     def evaluate(ds, prefix: str) -> dict:
         out = evaluate_split(trainer, ds, eval_batch, val_len, a, tok, prefix)
-        with replacing(os.path.join(a.output_dir, f"{prefix}_results.json")) as f:
-            json.dump(out, f, indent=2)
-        _append_metrics(a.output_dir, {"step": trainer.step, **out})
-        plot_run(a.output_dir)
-        log(
-            f"{prefix}: "
-            + ", ".join(f"{k}={v:.4g}" for k, v in out.items() if isinstance(v, float))
-        )
+        if processes.is_main():  # the others took part in computing it; process 0 writes
+            with replacing(os.path.join(a.output_dir, f"{prefix}_results.json")) as f:
+                json.dump(out, f, indent=2)
+            _append_metrics(a.output_dir, {"step": trainer.step, **out})
+            plot_run(a.output_dir)
+            log(
+                f"{prefix}: "
+                + ", ".join(f"{k}={v:.4g}" for k, v in out.items() if isinstance(v, float))
+            )
         return out
 
     if a.do_train:
@@ -410,15 +414,15 @@ def _run(a: TrainArgs, mesh, source: str, lock: rundir.RunLock) -> dict:
             "final_loss": history[-1]["loss"] if history else None,
         }
         export(trainer, a.output_dir, source)
-        if not (a.do_eval or a.do_predict):  # else drawn once more after each evaluation
+        if not (a.do_eval or a.do_predict) and processes.is_main():  # else after each one
             plot_run(a.output_dir)
     if a.do_eval:
         results["eval"] = evaluate(eval_ds, "eval")
     if a.do_predict:
         test_ds = _dataset(a, a.test_file, a.max_predict_samples, val_len, proc, tok, cfg, "test")
         results["test"] = evaluate(test_ds, "test")
-    if a.push_to_hub:
-        push_to_hub(a, results)
+    if a.push_to_hub:  # by process 0; its failure is every process's
+        processes.from_main(lambda: push_to_hub(a, results), (RunError,))
     return results
 
 
@@ -439,7 +443,7 @@ def _resume(trainer: Trainer, ckpt_dir: str, a: TrainArgs, global_batch: int, de
         raise UsageError(
             f"{path} was trained with --seed {meta['seed']}; resume with it, not {a.seed}"
         )
-    if jax.process_index() == 0:
+    if processes.is_main():
         rundir.drop_rows_after(a.output_dir, trainer.step)  # they are logged again
     log(f"resumed from {path} (step {meta['step']})")
 
@@ -481,10 +485,10 @@ class _Progress:
 
         self.a, self.total, self.steps_per_epoch = a, total, steps_per_epoch
         self.start = trainer.step
-        self.writer = jax.process_index() == 0  # process 0 writes the run directory
+        self.writer = processes.is_main()  # process 0 writes the run directory
         # A resumed run's TensorBoard drops what earlier runs logged from this step on.
         path = os.path.join(a.output_dir, rundir.TENSORBOARD)
-        self.board = SummaryWriter(path, purge_step=trainer.step or None)
+        self.board = SummaryWriter(path, purge_step=trainer.step or None) if self.writer else None
         self.bar = None  # made after the first step, which compiles: its ETA would count it
         self.window: list[dict] = []  # the steps' metrics since the last logging step
         self.timed_steps, self.timed_since = 0, 0.0  # in the window, after the compiling one
@@ -541,7 +545,8 @@ class _Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-        self.board.close()
+        if self.board is not None:
+            self.board.close()
 
 
 def _steps(trainer, ds, a: TrainArgs, global_batch, total, ckpt_dir, eval_fn, lock) -> list[dict]:
@@ -572,7 +577,7 @@ def _steps(trainer, ds, a: TrainArgs, global_batch, total, ckpt_dir, eval_fn, lo
                 if done % a.logging_steps == 0 or done == total:
                     history.append(progress.log(done, global_batch))
                     trainer.check_finite()  # the window's steps are done: reading it is free
-                    if lock is not None and lock.lost:
+                    if processes.any_process(lock is not None and lock.lost):  # process 0's
                         raise RunError(
                             f"{lock.path} was taken over by another run (it found this one "
                             f"stale): stopped at step {done}; the checkpoints are in {ckpt_dir}"
@@ -654,6 +659,8 @@ def _caption_images(trainer, ds, batch_size, max_length, a: TrainArgs, tok, pref
         out = first_call("generation", generate, trainer.model, pixels, **kw)
         texts = tok.batch_decode(out.sequences[:n_real], skip_special_tokens=True)
         predictions += [text.strip() for text in texts]
+    if not processes.is_main():  # it took part in generating; process 0 scores and writes
+        return {}
     images = [ds.examples[r].image for r in rows[: len(predictions)]]
     # Named relative to the folder that holds all of the split's images: these files are
     # published (push_to_hub), and a local absolute path is nobody else's business.
@@ -704,6 +711,8 @@ def export(trainer: Trainer, output_dir: str, source: str) -> str:
     unnamed = unnamed_params(model)
     layout = "nnx" if unnamed else "hf"
     save_pretrained(model, output_dir, layout=layout, overwrite=True)  # its own output_dir
+    if not processes.is_main():  # it took part in gathering the weights; process 0 wrote them
+        return layout
     copy_aux_files(source, output_dir)
     if unnamed:
         log(

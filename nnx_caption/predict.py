@@ -19,11 +19,12 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
 
+import jax
 import numpy as np
 from tqdm import tqdm
 
 import nnx_caption as nc
-from nnx_caption import gallery
+from nnx_caption import gallery, processes
 from nnx_caption.data import TABLE_SUFFIXES, read_table
 from nnx_caption.files import replacing
 from nnx_caption.flags import UsageError
@@ -31,6 +32,7 @@ from nnx_caption.generate import search_settings
 from nnx_caption.hf import resolve
 from nnx_caption.processing import _to_rgb
 from nnx_caption.progress import first_call
+from nnx_caption.sharding import make_mesh, put_rows
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -125,17 +127,37 @@ def _load(path: str, processor: nc.ImageProcessor, thumbnail: bool) -> _Loaded:
 
 
 def _decode(
-    paths: list[str], processor: nc.ImageProcessor, workers: int, ahead: int, thumbnails: int
+    paths: list[str], processor: nc.ImageProcessor, workers: int, ahead: int, thumbnails: list[bool]
 ) -> Iterator[_Loaded]:
-    """_Loaded images in input order, decoding up to `ahead` images in the background."""
+    """_Loaded images in input order (with a thumbnail where `thumbnails` says), decoding up to
+    `ahead` images in the background."""
     with ThreadPoolExecutor(max_workers=workers) as pool:
         pending: deque = deque()
-        for i, path in enumerate(paths):
-            pending.append(pool.submit(_load, path, processor, i < thumbnails))
+        for path, thumbnail in zip(paths, thumbnails, strict=True):
+            pending.append(pool.submit(_load, path, processor, thumbnail))
             if len(pending) >= ahead:  # bounded, so memory does not grow with the input set
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
+
+
+def _batches(
+    paths: list[str], batch: int, processor: nc.ImageProcessor, workers: int, gallery_size: int
+) -> Iterator[tuple[int, list[tuple[int, _Loaded | None]]]]:
+    """(first input index, this process's rows) of each batch of `batch` inputs: each of the N
+    processes decodes its contiguous block of batch / N rows (data.process_rows' layout); a
+    row past the last input is padding (None)."""
+    from nnx_caption.data import process_rows
+
+    rows = process_rows(batch, (jax.process_index(), jax.process_count()))
+    mine = [(s, [s + r for r in range(rows.start, rows.stop)]) for s in range(0, len(paths), batch)]
+    todo = [i for _, indices in mine for i in indices if i < len(paths)]
+    stream = _decode(
+        [paths[i] for i in todo], processor, workers, 2 * batch + workers,
+        [i < gallery_size for i in todo],
+    )  # fmt: skip
+    for start, indices in mine:
+        yield start, [(i, next(stream) if i < len(paths) else None) for i in indices]
 
 
 # Outputs --------------------------------------------------------------------------------------
@@ -195,7 +217,14 @@ def predict(
     if dtype not in dtypes:
         raise UsageError(f"--dtype must be one of {', '.join(dtypes)}, got {dtype!r}")
     paths, references = collect_inputs(inputs, image_column, limit, caption_column)
-    os.makedirs(output_dir, exist_ok=True)
+    multi = jax.process_count() > 1
+    if multi and batch_size % jax.device_count():
+        raise UsageError(
+            f"--batch_size {batch_size}: a run of {jax.process_count()} processes splits each "
+            f"batch over its {jax.device_count()} devices; pass a multiple of that"
+        )
+    if processes.is_main():
+        os.makedirs(output_dir, exist_ok=True)
     files = {
         "predictions_file": os.path.join(output_dir, "predictions.jsonl"),
         "skipped_file": os.path.join(output_dir, "skipped.jsonl"),
@@ -207,7 +236,8 @@ def predict(
     from nnx_caption.edits import model_class as resolve_class
 
     model_cls = model_class if isinstance(model_class, type) else resolve_class(model_class)
-    model = nc.from_pretrained(directory, dtypes[dtype], model_cls=model_cls)
+    mesh = make_mesh() if multi else None  # the batch split over every process's devices
+    model = nc.from_pretrained(directory, dtypes[dtype], mesh=mesh, model_cls=model_cls)
     try:
         processor = nc.ImageProcessor.from_pretrained(directory)
         tokenizer = nc.Tokenizer.from_pretrained(directory)
@@ -219,87 +249,63 @@ def predict(
     except ValueError as err:
         raise UsageError(f"{model_dir}: {err}") from None
     # Every beam comes back (the first is the caption, as with one), and the attention maps.
-    gen.update(num_return_sequences=search.num_beams, output_cross_attentions=attention_maps)
+    gen.update(
+        num_return_sequences=search.num_beams, output_cross_attentions=attention_maps, mesh=mesh
+    )
     grid = _patch_grid(model.config) if attention_maps else None
     settings = dict(
         num_beams=search.num_beams, max_length=search.max_length, dtype=dtype, batch_size=batch_size
     )
     load_seconds = time.perf_counter() - start
-    batch = min(batch_size, len(paths))  # fewer images than a batch: no need to pad them up
+    # Fewer images than a batch: no need to pad them up (one process; N split a whole batch).
+    batch = batch_size if multi else min(batch_size, len(paths))
     workers = workers or min(8, os.cpu_count() or 1)
-
+    main = processes.is_main()
+    bar = None  # it starts after the first batch, whose search compiles
     records: list[dict] = []
     skipped: list[dict] = []
     cards: list[gallery.Card] = []
-    pending: list[_Loaded] = []
     k = search.num_beams
+    blank = np.zeros((processor.height, processor.width, 3), np.float32)
 
-    def caption(items: list[_Loaded]) -> None:
-        # Pad a short batch with copies of its last image: the compiled search sees one shape.
-        pixels = np.stack([x.pixels for x in items] + [items[-1].pixels] * (batch - len(items)))
+    for first, mine in _batches(paths, batch, processor, workers, gallery_size):
+        # Every row in every batch, whatever failed: the compiled search sees one shape, and
+        # each process puts the same number of rows.
+        local = np.stack([x.pixels if x and x.pixels is not None else blank for _, x in mine])
+        pixels = local if mesh is None else put_rows(local, mesh)
         out = first_call("generation", nc.generate, model, pixels, **gen)
-        texts = tokenizer.batch_decode(out.sequences[: len(items) * k], skip_special_tokens=True)
-        for i, item in enumerate(items):
-            rows = range(i * k, (i + 1) * k)  # the image's beams, best first
-            beams = [(texts[r].strip(), float(out.scores[r])) for r in rows]
-            record = dict(image=item.path, caption=beams[0][0], score=beams[0][1])
-            if k > 1:
-                record["candidates"] = [dict(caption=c, score=s) for c, s in beams]
-            card = gallery.Card(item.path, item.thumbnail, beams[0][0], beams[0][1])
-            card.candidates = beams
-            if item.path in references:
-                card.references = record["references"] = references[item.path]
-                record["match"] = card.match
-            if grid is not None and item.thumbnail:
-                card.words, card.maps = _attention(out, i * k, grid, tokenizer)
-            records.append(record)
-            if item.thumbnail:
+        rows = [(i, x.error, x.thumbnail) for i, x in mine if x is not None]
+        for i, error, thumbnail in sorted(sum(processes.gather_json(rows), [])):
+            path = paths[i]
+            if error is not None:
+                skipped.append(dict(image=path, reason=error))
+                if main:
+                    tqdm.write(f"warning: skipped {path}: {error}", file=sys.stderr)
+                continue
+            card = _caption(out, (i - first) * k, k, path, thumbnail, tokenizer, grid)
+            if path in references:
+                card.references = references[path]
+            records.append(_record(card))
+            if thumbnail:
                 cards.append(card)
-
-    done, bar = 0, None  # the bar starts after the first batch, whose search compiles
-
-    def advance(n: int) -> None:
-        nonlocal done, bar
-        done += n
-        if bar is not None:
-            bar.update(n)
-        elif records:
-            bar = tqdm(
-                total=len(paths), initial=done, unit="img", desc="captioning", disable=not progress
-            )
-
-    for item in _decode(paths, processor, workers, 2 * batch + workers, gallery_size):
-        if item.error is not None:
-            skipped.append(dict(image=item.path, reason=item.error))
-            tqdm.write(f"warning: skipped {item.path}: {item.error}", file=sys.stderr)
-            advance(1)
-            continue
-        pending.append(item)
-        if len(pending) == batch:
-            caption(pending)
-            advance(len(pending))
-            pending = []
-    if pending:
-        caption(pending)
-        advance(len(pending))
-    if bar is not None:
-        bar.close()
+        done = min(first + batch, len(paths))
+        if bar is None:
+            bar = tqdm(total=len(paths), initial=done, unit="img", desc="captioning",
+                       disable=not (progress and main))  # fmt: skip
+        else:
+            bar.update(done - bar.n)
+    bar.close()
     seconds = time.perf_counter() - start
-
-    _write_atomic(files["skipped_file"], _jsonl(skipped))
     if not records:
+        if main:
+            _write_atomic(files["skipped_file"], _jsonl(skipped))
         raise UsageError(
             f"none of the {len(paths)} images could be read (reasons in {files['skipped_file']})"
         )
-    _write_atomic(files["predictions_file"], _jsonl(records))
-    scores = _scores(records)
-    title = f"nnx-caption predictions: {model_dir}"
-    summary = None
-    if scores:
-        summary = gallery.summary(scores["exact_match"], scores["CIDEr"])
-        summary += f" on the {scores['scored']} images with references"
-    page = gallery.page(title, settings, cards, len(records), summary)
-    _write_atomic(files["gallery_file"], page)
+    scores = _scores(records) if main else {}  # process 0 writes: the others took part
+    if main:
+        _write(files, records, skipped, cards, scores, f"nnx-caption predictions: {model_dir}",
+               settings)  # fmt: skip
     return dict(
         captioned=len(records),
         skipped=len(skipped),
@@ -309,6 +315,40 @@ def predict(
         **scores,
         **files,
     )
+
+
+def _write(files: dict, records, skipped, cards, scores: dict, title: str, settings) -> None:
+    """predictions.jsonl, skipped.jsonl and gallery.html, each whole or not at all."""
+    _write_atomic(files["skipped_file"], _jsonl(skipped))
+    _write_atomic(files["predictions_file"], _jsonl(records))
+    summary = None
+    if scores:
+        summary = gallery.summary(scores["exact_match"], scores["CIDEr"])
+        summary += f" on the {scores['scored']} images with references"
+    page = gallery.page(title, settings, cards, len(records), summary)
+    _write_atomic(files["gallery_file"], page)
+
+
+def _caption(out, row: int, k: int, path: str, thumbnail, tokenizer, grid) -> gallery.Card:
+    """The card of the image whose k beams start at `row` of generate's output."""
+    texts = tokenizer.batch_decode(out.sequences[row : row + k], skip_special_tokens=True)
+    beams = [(text.strip(), float(out.scores[row + b])) for b, text in enumerate(texts)]
+    card = gallery.Card(path, thumbnail, beams[0][0], beams[0][1])
+    card.candidates = beams
+    if grid is not None and thumbnail:
+        card.words, card.maps = _attention(out, row, grid, tokenizer)
+    return card
+
+
+def _record(card: gallery.Card) -> dict:
+    """A line of predictions.jsonl: the caption and its score; every beam when there are
+    several; the references and whether the caption matches one, when there are some."""
+    record = dict(image=card.image, caption=card.caption, score=card.score)
+    if len(card.candidates) > 1:
+        record["candidates"] = [dict(caption=c, score=s) for c, s in card.candidates]
+    if card.references is not None:
+        record["references"], record["match"] = card.references, card.match
+    return record
 
 
 def _scores(records: list[dict]) -> dict[str, float]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import signal
 import threading
 
-from nnx_caption.sharding import any_process
+from nnx_caption.processes import any_process
 
 
 class Preempted(Exception):

@@ -16,7 +16,9 @@ _COMPILED: set[str] = set()  # what first_call has timed in this process
 
 
 def log(msg: str) -> None:
-    print(f"[nnx-caption] {msg}", file=sys.stderr, flush=True)
+    """An info line on stderr, from process 0 alone in a multi-process run."""
+    if jax.process_index() == 0:
+        print(f"[nnx-caption] {msg}", file=sys.stderr, flush=True)
 
 
 def first_call(what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:

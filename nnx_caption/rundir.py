@@ -282,9 +282,10 @@ def plan(output_dir: str, overwrite: bool, training: bool) -> str:
 def clear_previous_run(output_dir: str) -> list[str]:
     """Before a run starts from scratch (a fresh start over an earlier run, or a start over):
     removes what an earlier run wrote that would be mistaken for this one's: its checkpoints,
-    metrics rows and TensorBoard events, skipped-row lists, and temporary files whose writer
-    is gone. Checkpoints in refused/, the flags file, the run's decoded dataset images and
-    anything it did not write stay. Returns what it removed."""
+    metrics rows and TensorBoard events, and temporary files whose writer is gone.
+    Checkpoints in refused/, the flags file, the skipped-row lists (this run has written its
+    own by then), the run's decoded dataset images and anything it did not write stay.
+    Returns what it removed."""
     removed = []
 
     def remove(path: str) -> None:
@@ -301,9 +302,8 @@ def clear_previous_run(output_dir: str) -> list[str]:
         for name in sorted(os.listdir(board)):
             if name.startswith("events.out.tfevents."):
                 remove(os.path.join(board, name))
-    for name in sorted(os.listdir(output_dir)):
-        if _matches(name, (METRICS_FILE, "skipped_*.jsonl")):
-            remove(os.path.join(output_dir, name))
+    if os.path.isfile(os.path.join(output_dir, METRICS_FILE)):
+        remove(os.path.join(output_dir, METRICS_FILE))
     removed += remove_stale_temporary_files(output_dir)
     return removed
 

@@ -102,6 +102,13 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, logical_to_spec(("batch",), mesh.axis_names))
 
 
+def put_rows(rows: np.ndarray, mesh: Mesh) -> jax.Array:
+    """This process's contiguous block of a global batch's rows (data.process_rows) onto the
+    mesh's batch axis: the global batch holds every process's block, in process order."""
+    shape = (len(rows) * jax.process_count(), *rows.shape[1:])
+    return jax.make_array_from_process_local_data(batch_sharding(mesh), rows, shape)
+
+
 def place(value: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
     """A host array onto `sharding`, each process putting only its own shards, so the same
     call serves one device, a mesh and a multi-host mesh."""
@@ -113,19 +120,19 @@ def scalar(x: jax.Array) -> float:
     return float(np.asarray(x.addressable_data(0)))
 
 
-def any_process(flag: bool) -> bool:
-    """Whether `flag` holds on any process: every process must call it at the same point (an
-    all-gather), and all get the same answer, so they take the same branch."""
-    if jax.process_count() == 1:
-        return bool(flag)
-    from jax.experimental import multihost_utils
-
-    return bool(multihost_utils.process_allgather(np.int32(flag)).max())
-
-
 def to_host(x: jax.Array) -> np.ndarray:
-    if not x.is_fully_addressable:  # sharded across processes: gather it
+    """The whole array on the host, as a new numpy array (not the one jax would keep cached on
+    `x`: an export reads every parameter once, and the copies would add up to the model).
+    Every process must call it for an array sharded across processes (an all-gather); a
+    replicated one is read from this process's own copy."""
+    if x.is_fully_replicated:
+        return np.array(x.addressable_data(0))
+    if not x.is_fully_addressable:
         from jax.experimental import multihost_utils
 
-        x = multihost_utils.process_allgather(x, tiled=True)
-    return np.asarray(jax.device_get(x))
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    out = np.empty(x.shape, x.dtype)
+    for shard in x.addressable_shards:  # each block once, from one device that holds it
+        if shard.replica_id == 0:
+            out[shard.index] = np.asarray(shard.data)
+    return out

@@ -23,7 +23,7 @@ from nnx_caption.errors import Diverged
 from nnx_caption.flags import at_least, flag, fraction, regexes
 from nnx_caption.hf import path_str
 from nnx_caption.model import VisionEncoderDecoder
-from nnx_caption.sharding import batch_sharding, scalar
+from nnx_caption.sharding import put_rows, scalar
 
 
 @dataclass(frozen=True)
@@ -246,8 +246,6 @@ class Trainer:
             donate_argnums=(0,),
             out_shardings=(shardings, None, None) if mesh is not None else None,
         )
-        if mesh is not None:
-            self.batch_sharding = batch_sharding(mesh)
         self._first_bad = self._no_bad_step()
 
     def _no_bad_step(self) -> jax.Array:
@@ -267,14 +265,8 @@ class Trainer:
         the devices (an earlier put's) are used as they are."""
         if self.mesh is None:
             return {k: jnp.asarray(v) for k, v in batch.items()}
-        count = jax.process_count()
         return {
-            k: v
-            if isinstance(v, jax.Array)
-            else jax.make_array_from_process_local_data(
-                self.batch_sharding, v, (len(v) * count, *v.shape[1:])
-            )
-            for k, v in batch.items()
+            k: v if isinstance(v, jax.Array) else put_rows(v, self.mesh) for k, v in batch.items()
         }
 
     def train_step(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:

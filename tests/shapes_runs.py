@@ -143,3 +143,57 @@ def wait_for(proc: subprocess.Popen, path: Path, pattern: str | None = None) -> 
     while not (any(path.glob(pattern)) if pattern else path.exists()):
         assert proc.poll() is None and time.time() < deadline, f"{path} did not appear"
         time.sleep(0.01)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Processes:
+    """The CLI with `args` as `processes` processes of a jax.distributed run on localhost, each
+    with `devices` CPU devices (processes=1: one process, no distributed flags). Their output
+    goes to files in `logs` (pipes could fill while another process waits in a collective)."""
+
+    def __init__(
+        self, args: list[str], logs: Path, processes: int = 2, devices: int = 2, env=None
+    ) -> None:
+        import os
+
+        flags = os.environ.get("XLA_FLAGS", "")
+        environment = {
+            **os.environ,
+            "JAX_PLATFORMS": "cpu",
+            "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count={devices}",
+            **(env or {}),
+        }
+        port = str(free_port())
+        distributed = lambda i: (  # noqa: E731
+            ["--coordinator_address", f"127.0.0.1:{port}", "--num_processes", str(processes),
+             "--process_id", str(i)] if processes > 1 else []
+        )  # fmt: skip
+        self.logs = logs
+        logs.mkdir(parents=True, exist_ok=True)
+        self.procs = []
+        for i in range(processes):
+            with open(logs / f"{i}.out", "w") as out, open(logs / f"{i}.err", "w") as err:
+                command = [sys.executable, "-m", "nnx_caption.cli", *args, *distributed(i)]
+                self.procs.append(
+                    subprocess.Popen(command, stdout=out, stderr=err, env=environment)
+                )
+
+    def finish(self, timeout: float = 600) -> list[tuple[int, str, str]]:
+        """(exit status, stdout, stderr) of each process, in order; none is left running."""
+        try:
+            for p in self.procs:
+                p.wait(timeout=timeout)
+        finally:
+            for p in self.procs:
+                p.kill()
+        return [(p.returncode, *self.output(i)) for i, p in enumerate(self.procs)]
+
+    def output(self, i: int) -> tuple[str, str]:
+        return (self.logs / f"{i}.out").read_text(), (self.logs / f"{i}.err").read_text()

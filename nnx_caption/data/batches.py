@@ -42,14 +42,14 @@ class CaptionDataset:
         process: tuple[int, int] = (0, 1),
     ) -> None:
         """`process` (index, count): which rows of each batch are this process's (see
-        process_rows). One process decodes every image up front; several decode each image
-        when a batch first needs it, each only its own."""
+        process_rows). When the images fit the cache, they are decoded up front, each process
+        its block of them (ImageStore), and later ones when a batch first needs them."""
         self.process = process
         # Each distinct image once: COCO-style tables repeat an image for each of its captions.
         unique = list(dict.fromkeys(e.image for e in split.examples))
         # Cache the resized images when they fit in cache_limit_bytes, else decode per batch.
         cache = len(unique) * processor.height * processor.width * 3 <= cache_limit_bytes
-        store = ImageStore(unique, processor, workers, cache=cache, preload=process[1] == 1)
+        store = ImageStore(unique, processor, workers, cache=cache, process=process)
         slot = {path: i for i, path in enumerate(unique)}
         rows = [slot[e.image] for e in split.examples]
         failed = [

@@ -153,8 +153,8 @@ def _decode_slots(
     return _decode_all([paths[s] for s in slots], processor)
 
 
-def _chunks(n: int, size: int) -> list[np.ndarray]:
-    return [np.arange(start, min(start + size, n)) for start in range(0, n, size)]
+def _chunks(start: int, stop: int, size: int) -> list[np.ndarray]:
+    return [np.arange(first, min(first + size, stop)) for first in range(start, stop, size)]
 
 
 class _FirstNeeds:
@@ -190,11 +190,13 @@ class _FirstNeeds:
 class ImageStore:
     """The images of a split, resized to the processor's size, kept as uint8 (1 byte a value).
 
-    - cache and preload (one process, the split fits): every image decoded now, so that later
-      epochs decode nothing and a broken file is skipped before training;
-    - cache without preload (each process of a multi-host run): each image decoded the first
-      time a batch of this process needs it, then kept; this process decodes and holds only
-      the images its rows were given (the cache's pages are touched only for those);
+    - cache and preload (the split fits): every image decoded now, so that later epochs decode
+      nothing and a broken file is skipped before training. Each of the `process` = (index,
+      count) processes of a multi-host run decodes its contiguous block of the images, and
+      they exchange what failed: all skip the rows one process would, so N processes train
+      on what one does. An image a process's batches need later and another's block held is
+      decoded then, once;
+    - cache without preload: each image decoded the first time a batch needs it, then kept;
     - no cache (larger than memory): each batch decoded when it comes.
 
     Batch streams (`stream`) decode in `workers` grain processes ahead of the consumer.
@@ -210,6 +212,7 @@ class ImageStore:
         workers: int = 2,
         cache: bool = True,
         preload: bool = True,
+        process: tuple[int, int] = (0, 1),
     ) -> None:
         self.processor, self.cache, self.workers = processor, cache, workers
         self._paths = list(paths)
@@ -222,12 +225,18 @@ class ImageStore:
         self._have = np.zeros(n, bool)  # decoded into the cache
         self._broken = np.zeros(n, bool)  # failed when a batch decoded it
         if cache and preload:
-            self.reasons = {}
-            chunks = _chunks(n, 16)
+            index, count = process
+            chunks = _chunks(index * n // count, (index + 1) * n // count, 16)  # its block
             decoded = self._decoded(chunks)  # not zipped: zip keeps its last tuple (see stream)
+            found = {}
             for slots in chunks:
-                self.reasons.update(self._keep(slots, *next(decoded)))
+                found.update(self._keep(slots, *next(decoded)))
             decoded.close()  # the workers end now, and with them their shared memory
+            if count > 1:  # every process's blocks: all skip the same rows
+                from nnx_caption.processes import gather_json
+
+                found = {int(k): v for block in gather_json(found) for k, v in block.items()}
+            self.reasons = dict(sorted(found.items()))
         else:
             self.reasons = _probe_all(self._paths)
         self.ok = np.ones(n, bool)

@@ -97,3 +97,23 @@ def test_a_json_config_value_of_the_wrong_type_is_named(tmp_path, capsys):
     assert cli([*_train(tmp_path), str(config)]) == 2
     err = capsys.readouterr().err
     assert "--logging_steps '10': must be of type int" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "flags, named",
+    [
+        (("--num_processes", "2"), "missing --coordinator_address, --process_id"),
+        (("--coordinator_address", "127.0.0.1:1", "--process_id", "0"), "missing --num_processes"),
+        (
+            ("--coordinator_address", "127.0.0.1:1", "--num_processes", "2", "--process_id", "2"),
+            "--process_id 2: processes are numbered 0 to 1",
+        ),
+        (("--num_processes", "0"), "--num_processes 0: must be at least 1"),
+    ],
+)
+def test_distributed_flags_that_name_no_run_are_usage_errors(tmp_path, capsys, flags, named):
+    for command in (_train(tmp_path), ["bench", "--preset", "tiny"], ["predict", str(TINY), "x"]):
+        extra = ["--output_dir", str(tmp_path / "p")] if command[0] == "predict" else []
+        assert cli([*command, *extra, *flags]) == 2
+        err = capsys.readouterr().err
+        assert named in err and "Traceback" not in err, err

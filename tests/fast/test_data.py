@@ -367,8 +367,10 @@ def test_batches_of_images_with_several_captions(tmp_path, tokenizer):
 
 def test_each_process_gets_and_decodes_only_its_rows(tmp_path, tokenizer):
     """Two processes of a multi-host run walk the one global order: each gets its contiguous
-    half of every global batch (the one-process batch's rows, split), and decodes only the
-    images of those rows, each once, into a cache of its own."""
+    half of every global batch (the one-process batch's rows, split). Each decodes its block of
+    the images up front (so that, exchanging what failed, all skip the rows one process
+    would), then the images of its rows that another's block held, each once, into a cache of
+    its own."""
     names = _images(tmp_path / "images", 16)
     table = _write_csv(
         tmp_path / "t.csv", ["image", "caption"], [[f"images/{n}", f"c {n}"] for n in names]
@@ -383,15 +385,18 @@ def test_each_process_gets_and_decodes_only_its_rows(tmp_path, tokenizer):
     seen = set()
     for index, workers in ((0, 2), (1, 0)):  # grain's workers, and none
         part = make((index, 2), workers)
-        assert part.decoded == 0  # nothing up front
+        assert part.decoded == 8  # its block up front
+        block = whole.batch(np.arange(8 * index, 8 * index + 8))["pixel_values"]
+        block = {bytes(image) for image in block}
         mine = list(itertools.islice(data.train_batches(part, 4, seed=2, prefetch=0), 4))
         half = [(s, {k: v[2 * index : 2 * index + 2] for k, v in b.items()}) for s, b in one]
         assert _same(mine, half)
         images = {bytes(image) for _, b in half for image in b["pixel_values"]}
-        assert part.decoded == len(images) == 8  # its half of the epoch's images, once each
-        seen |= images
+        assert len(images) == 8  # its half of the epoch's images
+        assert part.decoded == len(block | images)  # each once: its block, then the rest
         again = list(itertools.islice(data.train_batches(part, 4, seed=2, start_step=4), 4))
         assert part.decoded <= 16 and len(again) == 4  # epoch 2 decodes only images new to it
+        seen |= images
     assert len(seen) == 16  # between them, every image of the epoch
     with pytest.raises(DataError, match="does not split over 2 processes"):
         make((0, 2), 0).batch(np.arange(3))

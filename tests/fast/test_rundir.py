@@ -115,18 +115,18 @@ def test_plan_resumes_starts_over_or_refuses_by_what_the_folder_holds(tmp_path):
 
 
 def test_clearing_an_earlier_run_removes_only_what_train_wrote(tmp_path):
-    ours = ["metrics.jsonl", "skipped_eval.jsonl", "tensorboard/events.out.tfevents.1.h",
+    ours = ["metrics.jsonl", "tensorboard/events.out.tfevents.1.h",
             "checkpoints/step_00000004/x", "checkpoints/step_00000008.orbax-checkpoint-tmp/y",
             "model.safetensors.tmp999999999"]  # fmt: skip
     kept = ["train.csv", "images/0.png", "checkpoints/refused/step_00000012/x",
-            "dataset_images/train/0.png", "train_args.json", "model.safetensors",
-            "tensorboard/notes.txt", f"config.json.tmp{os.getpid()}"]  # fmt: skip
+            "skipped_eval.jsonl", "dataset_images/train/0.png", "train_args.json",
+            "model.safetensors", "tensorboard/notes.txt",
+            f"config.json.tmp{os.getpid()}"]  # fmt: skip
     _touch(tmp_path, *ours, *kept)
     removed = rundir.clear_previous_run(str(tmp_path))
     assert sorted(removed) == sorted(
         [
             "metrics.jsonl",
-            "skipped_eval.jsonl",
             "tensorboard/events.out.tfevents.1.h",
             "checkpoints/step_00000004",
             "checkpoints/step_00000008.orbax-checkpoint-tmp",
