@@ -1,17 +1,14 @@
 """nnx-caption: image captioning (ViT encoder + GPT-2 decoder) in pure Flax NNX."""
 
+from nnx_caption.compose import from_encoder_decoder_pretrained
 from nnx_caption.config import CaptionConfig, ConfigError, GenerationConfig, GPT2Config, ViTConfig
 from nnx_caption.generate import GenerateOutput, generate
-from nnx_caption.hf import (
-    LoadReport,
-    from_encoder_decoder_pretrained,
-    from_pretrained,
-    save_pretrained,
-)
+from nnx_caption.loading import LoadReport, from_pretrained
 from nnx_caption.metrics import CaptionScores, caption_metrics
 from nnx_caption.model import VisionEncoderDecoder
 from nnx_caption.processing import ImageProcessor, Tokenizer
 from nnx_caption.safetensors_io import CheckpointError
+from nnx_caption.saving import save_pretrained
 
 __all__ = [
     "CaptionConfig",

@@ -28,17 +28,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nnx_caption import processes
+from nnx_caption import config as config_lib
+from nnx_caption import flops, processes
+from nnx_caption.config import ConfigError
+from nnx_caption.data import process_rows
 from nnx_caption.distributed import DistributedArgs
-from nnx_caption.flags import (
-    ModelArgs,
-    UsageError,
-    add_flags,
-    at_least,
-    flag,
-    from_namespace,
-    one_of,
-)
+from nnx_caption.errors import UsageError
+from nnx_caption.flags import CaptionsPerImage, ModelArgs, add_flags, from_namespace
+from nnx_caption.generate import generate
+from nnx_caption.loading import init_model
+from nnx_caption.options import at_least, flag, one_of
+from nnx_caption.train import TrainConfig, Trainer
 
 # Dense peak FLOP/s of one chip, (bfloat16, float32), by the device_kind jax reports. float32
 # is what XLA's default precision makes of a float32 matmul there (FP32_POLICY).
@@ -144,29 +144,30 @@ def peak_memory() -> tuple[int, str]:
 
 
 @dataclasses.dataclass(frozen=True)
-class BenchArgs(ModelArgs, DistributedArgs):
-    """What to time, and how. The flags of `bench` are these and the model's (ModelArgs,
-    spelled as `train` spells them)."""
+class BenchArgs(ModelArgs, TrainConfig, CaptionsPerImage, DistributedArgs):
+    """What to time, and how. The flags of `bench` are these, the model's (ModelArgs) and the
+    train step's (TrainConfig: accumulation, clipping, freezing, label smoothing; LoRA is
+    ModelArgs' --lora_rank), each spelled, defaulted and checked as for `train`: the step
+    timed is the one `train` runs with the same flags."""
 
     preset: str | None = flag(
         None, f"random weights of a built-in configuration: {' | '.join(PRESETS)}", one_of(*PRESETS)
     )
     what: str = flag("both", "train | decode | both", one_of("train", "decode", "both"))
     per_device_batch_size: int = flag(
-        8, "captions (train) or images (decode) per device", at_least(1)
+        8,
+        "captions (train: per micro-batch, as --per_device_train_batch_size) or images "
+        "(decode) per device",
+        at_least(1),
     )
     target_length: int = flag(32, "caption tokens per training example", at_least(1))
     image_size: int | None = flag(None, "image side in pixels (--preset only)", at_least(1))
-    captions_per_image: int = flag(
-        1, "k captions per image in a training batch (each image encoded once)", at_least(1)
-    )
     num_beams: int = flag(1, "beams of the decoding search (1: greedy)", at_least(1))
     max_length: int = flag(
         16, "decoded length, counting the start token (EOS suppressed)", at_least(2)
     )
     steps: int = flag(10, "timed calls per workload (the median is reported)", at_least(1))
     warmup: int = flag(2, "untimed calls after the compiling one", at_least(0))
-    seed: int = flag(0, "seed of the random weights and inputs")
     output_dir: str = flag("out/bench", "where bench.json is written")
     profile: str | None = flag(None, "write a jax profiler trace of a few calls to this folder")
 
@@ -174,13 +175,8 @@ class BenchArgs(ModelArgs, DistributedArgs):
 def build_model(a: BenchArgs, mesh):
     """The model under test: a checkpoint, or a preset's configuration with random weights
     (nothing downloaded), built as `a` says (dtype, scan, remat, class, mesh)."""
-    from nnx_caption import config as config_lib
-    from nnx_caption.config import ConfigError
-    from nnx_caption.edits import model_class
-    from nnx_caption.hf import init_model
-
     if a.model_name_or_path:
-        model = a.load(a.model_name_or_path, mesh, seed=a.seed)
+        model = a.load(a.source(), mesh, seed=a.seed)
         if a.image_size not in (None, model.config.encoder.image_size):
             raise ConfigError(
                 f"--image_size {a.image_size}: {a.model_name_or_path} was trained at "
@@ -194,8 +190,8 @@ def build_model(a: BenchArgs, mesh):
         encoder = dataclasses.replace(encoder, image_size=a.image_size)
     config = dataclasses.replace(config, encoder=encoder, execution=a.execution())
     config.validate()
-    cls = model_class(a.model_class)
-    return init_model(config, a.compute_dtype(), mesh=mesh, model_cls=cls, seed=a.seed)
+    model = init_model(config, a.compute_dtype(), mesh=mesh, model_cls=a.model_cls(), seed=a.seed)
+    return a.add_adapters(model, a.seed)
 
 
 def train_batch(config, batch: int, length: int, per_image: int, seed: int = 0) -> dict:
@@ -226,14 +222,12 @@ def _profiled(fn: Callable[[], object], directory: str | None, calls: int = 3) -
 
 def bench_train(model, a: BenchArgs, mesh, batch: dict | None = None) -> dict:
     """Times Trainer.train_step on `batch` (default: a random one as `a` shapes it), placed
-    on the devices once so that the step is timed, not the copy."""
-    from nnx_caption import flops
-    from nnx_caption.data import process_rows
-    from nnx_caption.train import TrainConfig, Trainer
-
-    cfg = TrainConfig(total_steps=10**6, new_params=a.new_params, seed=a.seed)
+    on the devices once so that the step is timed, not the copy. The step is `train`'s with
+    the same flags (train_config)."""
+    cfg = train_config(a)
     if batch is None:
-        size = a.per_device_batch_size * jax.device_count()
+        micro_batches = a.gradient_accumulation_steps
+        size = a.per_device_batch_size * jax.device_count() * micro_batches
         batch = train_batch(model.config, size, a.target_length, a.captions_per_image, a.seed)
     rows, length = batch["labels"].shape
     images = len(batch["pixel_values"])
@@ -262,12 +256,15 @@ def bench_train(model, a: BenchArgs, mesh, batch: dict | None = None) -> dict:
     )
 
 
+def train_config(a: BenchArgs) -> TrainConfig:
+    """The train step's config as `train` derives it from the same flags (loop._setup); the
+    schedule's length does not change the step's cost."""
+    return TrainConfig.of(a, total_steps=10**6, lora=bool(a.lora_rank), new_params=a.new_params)
+
+
 def bench_decode(model, a: BenchArgs, mesh, pixels: np.ndarray | None = None) -> dict:
     """Times nc.generate on `pixels` (default: random images, as many as `a` says), EOS
     suppressed (min_length = max_length) so that every search decodes the full length."""
-    from nnx_caption import flops
-    from nnx_caption.generate import generate
-
     if pixels is None:
         images = a.per_device_batch_size * jax.device_count()
         size, channels = model.config.encoder.image_size, model.config.encoder.num_channels
@@ -317,6 +314,12 @@ def run(a: BenchArgs, command: str = "") -> list[dict]:
         scan_layers=a.scan_layers,
         gradient_checkpointing=a.gradient_checkpointing,
         remat_policy=a.remat_policy,
+        train_step={
+            k: v
+            for k, v in dataclasses.asdict(train_config(a)).items()
+            if k not in ("total_steps", "new_params")
+        },  # fmt: skip
+        lora_rank=a.lora_rank,
         mesh=dict(mesh.shape) if mesh is not None else None,
         software=software(),
         command=command,
@@ -367,9 +370,5 @@ def args_from_namespace(ns: argparse.Namespace) -> BenchArgs:
     if bool(a.model_name_or_path) == bool(a.preset):
         raise UsageError("give one of --model_name_or_path and --preset")
     a.check()  # every flag's own check
-    if a.per_device_batch_size % a.captions_per_image:
-        raise UsageError(
-            f"--captions_per_image {a.captions_per_image} must divide --per_device_batch_size "
-            f"{a.per_device_batch_size}"
-        )
+    a.check_batch(a.per_device_batch_size, "per_device_batch_size")
     return a

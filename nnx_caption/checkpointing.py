@@ -28,11 +28,13 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 from flax import nnx
 from jax import lax
+from jax.experimental import multihost_utils
 
 from nnx_caption.errors import Diverged, RunError
-from nnx_caption.hf import listing, path_str
+from nnx_caption.names import listing, path_str
 from nnx_caption.processes import any_process
 from nnx_caption.safetensors_io import CheckpointError, NonFiniteError
 
@@ -215,8 +217,6 @@ class Checkpointer:
         self._writing: dict[str, int] = {}  # folder -> the step its last save wrote
 
     def _manager(self, directory: str, keep: int | None = None):
-        import orbax.checkpoint as ocp
-
         directory = os.path.abspath(directory)
         kept, manager = self._managers.get(directory, (None, None))
         if manager is not None and keep is not None and kept != keep:
@@ -250,8 +250,6 @@ class Checkpointer:
         returns its path. Every process must call it. `block=False` returns once the arrays are
         off the devices and writes in the background. Refused (nothing written) when the state
         holds NaN or Inf, or when the disk has no room for it."""
-        import orbax.checkpoint as ocp
-
         directory = os.path.abspath(directory)
         path = step_path(directory, step)
         manager = self._manager(directory, keep)
@@ -331,8 +329,6 @@ class Checkpointer:
         shards. CheckpointError when it holds other arrays than `like` (another model, or
         other --freeze / --lora_rank flags); DamagedCheckpoint when its files cannot be read
         or do not match their checksums; NonFiniteError when it holds NaN or Inf."""
-        import orbax.checkpoint as ocp
-
         self.wait()
         directory, name = os.path.split(os.path.abspath(checkpoint))
         step = int(name.removeprefix(f"{STEP_PREFIX}_"))
@@ -420,8 +416,6 @@ class Checkpointer:
                 target = os.path.join(directory, REFUSED, f"{name}.{n}")
             os.rename(path, target)
         if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
             multihost_utils.sync_global_devices(f"nnx-caption refused {name}")
         self._manager(directory).reload()  # orbax lists the steps it has seen
         return target

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import functools
 import inspect
@@ -13,17 +14,31 @@ import traceback
 
 from jax.errors import JaxRuntimeError
 
-from nnx_caption import processes
+from nnx_caption import bench, loop, processes, train_args
 from nnx_caption.checkpointing import quiet_failed_writes
+from nnx_caption.compose import from_encoder_decoder_pretrained
 from nnx_caption.config import ConfigError
 from nnx_caption.data import DataError
+from nnx_caption.demo import run_demo
 from nnx_caption.distributed import DistributedArgs, start
 from nnx_caption.edits import ModelClassError
-from nnx_caption.errors import RunError
-from nnx_caption.flags import UsageError, add_argument, add_flags, from_namespace
+from nnx_caption.errors import RunError, UsageError
+from nnx_caption.flags import (
+    PREDICT_FLAGS,
+    SOURCE_FLAGS,
+    ModelArgs,
+    add_argument,
+    add_flags,
+    from_namespace,
+)
+from nnx_caption.gallery import summary as score_line
+from nnx_caption.hub import TOKENIZER_FILES, checkpoint_files, copy_aux_files
+from nnx_caption.names import listing
+from nnx_caption.plots import plot_run
 from nnx_caption.predict import predict
 from nnx_caption.preemption import Preempted
 from nnx_caption.safetensors_io import CheckpointError
+from nnx_caption.saving import save_pretrained
 
 # Errors in what the command was given (a flag, a path, a file's contents): exit status 2.
 USAGE_ERRORS = (CheckpointError, ConfigError, UsageError, DataError, ModelClassError)
@@ -31,17 +46,9 @@ DEBUG_ENV = "NNX_CAPTION_DEBUG"  # set (not 0): tracebacks, as --debug
 
 
 def _rewrite(args: argparse.Namespace, layout: str) -> None:
-    from nnx_caption.edits import model_class
-    from nnx_caption.hf import (
-        checkpoint_files,
-        copy_aux_files,
-        from_pretrained,
-        listing,
-        resolve,
-        save_pretrained,
-    )
-
-    src = resolve(args.src, revision=args.revision, cache_dir=args.cache_dir)
+    how = dataclasses.replace(from_namespace(ModelArgs, args), model_name_or_path=args.src)
+    how.check()
+    src = how.source()
     same = os.path.isdir(args.dst) and os.path.samefile(src, args.dst)
     held = [os.path.basename(f) for f in checkpoint_files(args.dst)]
     if (same or held) and not args.overwrite:
@@ -50,7 +57,7 @@ def _rewrite(args: argparse.Namespace, layout: str) -> None:
             f"{args.dst} {what} ({listing(held)}): writing there would replace those weights. "
             "Choose another output folder, or pass --overwrite to replace them"
         )
-    model = from_pretrained(src, model_cls=model_class(args.model_class))
+    model = how.load(src, mesh=None)
     save_pretrained(model, args.dst, layout=layout, overwrite=args.overwrite)
     copied = copy_aux_files(src, args.dst)
     print(f"wrote {layout.upper()} layout to {args.dst} (+ {', '.join(copied) or 'no aux files'})")
@@ -58,19 +65,12 @@ def _rewrite(args: argparse.Namespace, layout: str) -> None:
 
 def _compose(args: argparse.Namespace) -> None:
     """HF's create-model step: a captioner from a ViT and a GPT-2, ready for `train`."""
-    from nnx_caption.hf import (
-        TOKENIZER_FILES,
-        copy_aux_files,
-        from_encoder_decoder_pretrained,
-        resolve,
-        save_pretrained,
-    )
-
     out = args.output_dir
     if os.path.isdir(out) and os.listdir(out):
         raise UsageError(f"--output_dir {out} exists and is not empty: choose a new folder")
-    hub = dict(revision=args.revision, cache_dir=args.cache_dir)
-    enc_dir, dec_dir = resolve(args.encoder, **hub), resolve(args.decoder, **hub)
+    hub = from_namespace(ModelArgs, args)
+    enc_dir = dataclasses.replace(hub, model_name_or_path=args.encoder).source()
+    dec_dir = dataclasses.replace(hub, model_name_or_path=args.decoder).source()
     model = from_encoder_decoder_pretrained(enc_dir, dec_dir, seed=args.seed)
     save_pretrained(model, out)
     copied = copy_aux_files(dec_dir, out, TOKENIZER_FILES)
@@ -103,8 +103,7 @@ def _add_compose(sub) -> None:
     p.add_argument("--decoder", required=True, help="GPT-2 checkpoint folder or hub repo id")
     add_argument(p, "output_dir", required=True, help="a new folder for the composed model")
     p.add_argument("--seed", type=int, default=0, help="seed of the new cross-attention weights")
-    p.add_argument("--revision", help="hub revision (branch, tag or commit) of both")
-    add_argument(p, "cache_dir", help="huggingface_hub cache folder")
+    add_flags(p, ModelArgs, only=("revision", "cache_dir"))
 
 
 def _add_predict(sub) -> None:
@@ -137,23 +136,10 @@ def _add_predict(sub) -> None:
         help="put each caption's cross-attention over its image into gallery.html (hover or "
         "click a word)",
     )
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--limit", type=int, help="caption only the first N images")
     add_argument(p, "gallery_size", type=int, default=1000, help="images shown in gallery.html")
-    _add_source_flags(p)
+    add_flags(p, ModelArgs, only=PREDICT_FLAGS)
     add_flags(p, DistributedArgs)
-
-
-def _add_source_flags(p: argparse.ArgumentParser) -> None:
-    """Where a checkpoint comes from and what class it holds: predict, convert and export."""
-    p.add_argument("--revision", help="hub revision (branch, tag or commit)")
-    add_argument(p, "cache_dir", help="huggingface_hub cache folder")
-    add_argument(p, "model_class", help=MODEL_CLASS_HELP)
-
-
-MODEL_CLASS_HELP = (
-    "FILE.py:Class or module:Class: the edited architecture the checkpoint was trained with"
-)
 
 
 def _predict(args: argparse.Namespace) -> None:
@@ -163,8 +149,6 @@ def _predict(args: argparse.Namespace) -> None:
     if not processes.is_main():  # process 0 wrote the files and says so
         return
     if "CIDEr" in summary:
-        from nnx_caption.gallery import summary as score_line
-
         print(score_line(summary["exact_match"], summary["CIDEr"]))
     print(
         f"captioned {summary['captioned']} images, skipped {summary['skipped']} "
@@ -174,8 +158,6 @@ def _predict(args: argparse.Namespace) -> None:
 
 
 def _bench(args: argparse.Namespace, argv: list[str]) -> None:
-    from nnx_caption import bench
-
     options = bench.args_from_namespace(args)
     results = bench.run(options, command=" ".join(["nnx-caption", *argv]))
     if not processes.is_main():  # process 0 wrote bench.json and says so
@@ -185,8 +167,6 @@ def _bench(args: argparse.Namespace, argv: list[str]) -> None:
 
 
 def _plot(run_dir: str) -> None:
-    from nnx_caption.plots import plot_run
-
     try:
         written = plot_run(run_dir)
     except FileNotFoundError as err:
@@ -211,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_, description=help_)
         p.add_argument("src", help="checkpoint folder (HF or NNX layout) or hub repo id")
         p.add_argument("dst", help="output folder")
-        _add_source_flags(p)
+        add_flags(p, ModelArgs, only=SOURCE_FLAGS)
         p.add_argument(
             "--overwrite",
             action="store_true",
@@ -219,19 +199,15 @@ def build_parser() -> argparse.ArgumentParser:
         )
     _add_compose(sub)
     _add_predict(sub)
-    from nnx_caption.loop import build_parser as add_train_flags
-
     train = sub.add_parser(
         "train",
         help="train / evaluate / predict as HF's run_image_captioning_flax.py",
         description="Train, evaluate and predict with the flags of HF's "
         "run_image_captioning_flax.py. A run resumes from the newest checkpoint in --output_dir.",
     )
-    add_train_flags(train)
-    from nnx_caption.bench import build_parser as add_bench_flags
-
+    train_args.build_parser(train)
     help_ = "time training and decoding of any configuration: step time, MFU, memory"
-    add_bench_flags(sub.add_parser("bench", help=help_, description=help_))
+    bench.build_parser(sub.add_parser("bench", help=help_, description=help_))
     help_ = "draw a train run's metrics.jsonl as PNG plots next to it (loss, learning rate, ...)"
     plot = sub.add_parser("plot", help=help_, description=help_)
     plot.add_argument("run_dir", help="a `train` --output_dir (the folder holding metrics.jsonl)")
@@ -276,6 +252,7 @@ def _os_error(err: OSError) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     debug = args.debug or os.environ.get(DEBUG_ENV, "0") not in ("", "0")
     _log_to_stderr()
@@ -300,17 +277,13 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "predict":
             _predict(args)
         elif args.command == "bench":
-            _bench(args, argv if argv is not None else sys.argv[1:])
+            _bench(args, argv)
         elif args.command == "plot":
             _plot(args.run_dir)
         elif args.command == "demo":
-            from nnx_caption.demo import run_demo
-
             run_demo(args.out, args.steps)
         elif args.command == "train":
-            from nnx_caption.loop import args_from_namespace, run
-
-            run(args_from_namespace(args, argv if argv is not None else sys.argv[1:]))
+            loop.run(train_args.args_from_namespace(args, argv))
     except Preempted as stop:  # a clean stop, as a preempted job must make: exit 0
         print(f"nnx-caption {args.command}: {stop}", file=sys.stderr)
         return 0

@@ -16,12 +16,14 @@ from dataclasses import replace
 import jax
 from flax import nnx
 
+from nnx_caption import train_args
 from nnx_caption.config import CaptionConfig, GenerationConfig, tiny
 from nnx_caption.data import load_split, make_shapes, train_caption_tokenizer
-from nnx_caption.hf import save_pretrained
-from nnx_caption.loop import args_from_namespace, run
+from nnx_caption.loop import run
 from nnx_caption.model import VisionEncoderDecoder
+from nnx_caption.predict import predict
 from nnx_caption.processing import ImageProcessor, Tokenizer
+from nnx_caption.saving import save_pretrained
 
 IMAGE_SIZE = 32
 
@@ -84,12 +86,7 @@ def run_demo(out: str = "out/demo", steps: int = 3000, seed: int = 0) -> dict:
         argv += [f"--{split}_file", splits[split]]
     argv += ["--max_steps", str(steps), "--seed", str(seed), *TRAIN_FLAGS.split()]
     print(f"training: {shlex.join(['nnx-caption', 'train', *argv])}")
-    from nnx_caption.cli import build_parser
-
-    args = args_from_namespace(build_parser().parse_args(["train", *argv]), argv)
-    results = run(args)
-
-    from nnx_caption.predict import predict
+    results = run(train_args.parse(argv))
 
     # The test split's table, so that the gallery shows each image's reference caption.
     gallery = predict(

@@ -17,8 +17,10 @@ import os
 import socket
 import time
 
-from nnx_caption.errors import RunError
-from nnx_caption.flags import UsageError, at_least, check_flags, flag
+import jax
+
+from nnx_caption.errors import RunError, UsageError
+from nnx_caption.options import at_least, check_flags, flag
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +56,6 @@ def start(a: DistributedArgs) -> None:
     """Joins the run `a` describes, or the one jax detects; nothing when there is none. A
     UsageError for flags that cannot name a run, a RunError when the coordinator cannot be
     reached in time."""
-    import jax
-
     check_flags(a)
     address = a.coordinator_address or os.environ.get(ADDRESS_ENV)
     named = {"--num_processes": a.num_processes, "--process_id": a.process_id}

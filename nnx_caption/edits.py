@@ -2,8 +2,9 @@
 
 A model class is what `from_pretrained(..., model_cls=)` builds: VisionEncoderDecoder, a subclass
 or a replacement with its constructor signature `(config, *, dtype, param_dtype, rngs)`. NNX
-checkpoints record the spec of the class they were saved from, so that a load without it can
-say which class to pass (it is never imported from a checkpoint: that would run its code).
+checkpoints record the spec of the class they were saved from (a file by its absolute path), so
+that a load without it, from any folder, can say which class to pass (it is never imported from
+a checkpoint: that would run its code).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import importlib
 import importlib.util
 import os
 import sys
+
+from nnx_caption.model import VisionEncoderDecoder
 
 _SPECS: dict[type, str] = {}  # classes loaded from a file -> the spec they were loaded by
 
@@ -41,15 +44,18 @@ def load_class(spec: str) -> type:
     cls = getattr(module, name, None)
     if not isinstance(cls, type):
         raise ModelClassError(f"--model_class {spec!r}: {where} defines no class {name!r}")
-    _SPECS.setdefault(cls, spec)
+    # A file's class is recorded by its absolute path: an NNX checkpoint saved from one folder
+    # names a --model_class that works from any other.
+    _SPECS.setdefault(cls, f"{os.path.abspath(where)}:{name}" if where.endswith(".py") else spec)
     return cls
 
 
-def model_class(spec: str | None) -> type:
-    """--model_class FILE.py:Class or module:Class; None is VisionEncoderDecoder."""
+def model_class(spec: str | type | None) -> type:
+    """--model_class FILE.py:Class or module:Class (a class is taken as it is); None is
+    VisionEncoderDecoder."""
+    if isinstance(spec, type):
+        return spec
     if spec is None:
-        from nnx_caption.model import VisionEncoderDecoder
-
         return VisionEncoderDecoder
     return load_class(spec)
 
@@ -60,5 +66,5 @@ def class_spec(cls: type) -> str:
         return _SPECS[cls]
     module = sys.modules.get(cls.__module__)
     if cls.__module__ == "__main__" and getattr(module, "__file__", None):
-        return f"{os.path.relpath(module.__file__)}:{cls.__qualname__}"
+        return f"{os.path.abspath(module.__file__)}:{cls.__qualname__}"
     return f"{cls.__module__}:{cls.__qualname__}"

@@ -1,89 +1,35 @@
-"""Command-line flags from dataclass fields: each flag's name, type, default and help in one
-place, the field that holds it.
+"""Command-line flags from option fields (options.py), and the model flags every command shares.
 
-A field is a flag when its metadata has a "help" (`flag(default, help)` makes one); fields
-without one are set by the program. A flag's check of its value lives with it (`check=`, run
-by `check_flags` before anything reads data or compiles), and a secret (`secret=True`) is never
-written to a file (`public_values`). Every flag is spelled as HF's scripts spell theirs,
---name_with_underscores, and --name-with-dashes is accepted for it too. `ModelArgs` holds the
-flags that say which model to build and how, shared by `train` and `bench`.
+Every flag is spelled as HF's scripts spell theirs, --name_with_underscores, and
+--name-with-dashes is accepted for it too. `ModelArgs` holds the flags that say which model to
+build and how it runs: `train` and `bench` take all of them, `predict`, `convert` and `export`
+those that apply to them (PREDICT_FLAGS, SOURCE_FLAGS): one definition, one help, one check.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import re
-from collections.abc import Callable
+from collections.abc import Collection
 from typing import Any, TypeVar
 
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from nnx_caption.edits import model_class
+from nnx_caption.errors import UsageError
+from nnx_caption.hub import resolve
+from nnx_caption.layers import Execution
+from nnx_caption.loading import from_pretrained
+from nnx_caption.lora import add_lora
+from nnx_caption.model import VisionEncoderDecoder
+from nnx_caption.options import at_least, check_flags, flag, flags, from_values, one_of, regexes
+from nnx_caption.progress import log
+from nnx_caption.sharding import make_mesh, mesh_shape
+
 T = TypeVar("T")
-Check = Callable[[Any], "str | None"]  # a flag's value -> what is wrong with it, None if fine
-
 DTYPES = ("float32", "bfloat16", "float16")
-
-
-class UsageError(Exception):
-    """A bad input or option: the CLI prints it and exits with status 2."""
-
-
-def flag(default: Any, help: str, check: Check | None = None, secret: bool = False) -> Any:
-    """A dataclass field that is a command-line flag. Lists are tuples: fields stay hashable.
-    `check(value)` says what is wrong with a value that is not None; a secret flag (a token)
-    is masked wherever the flags are written down."""
-    return dataclasses.field(
-        default=default, metadata={"help": help, "check": check, "secret": secret}
-    )
-
-
-def at_least(low: float) -> Check:
-    return lambda value: None if value >= low else f"must be at least {low}"
-
-
-def above(low: float) -> Check:
-    return lambda value: None if value > low else f"must be greater than {low}"
-
-
-def fraction(value: float) -> str | None:
-    """A value in [0, 1): a probability of smoothing, an Adam beta."""
-    return None if 0 <= value < 1 else "must be at least 0 and below 1"
-
-
-def one_of(*choices: str) -> Check:
-    return lambda value: None if value in choices else f"choose {', '.join(choices)}"
-
-
-def regexes(patterns: tuple[str, ...]) -> str | None:
-    for pattern in patterns:
-        try:
-            re.compile(pattern)
-        except re.error as err:
-            return f"{pattern!r} is not a regular expression: {err}"
-    return None
-
-
-def check_flags(args: Any) -> None:
-    """A UsageError naming the first flag of the dataclass instance `args` whose value its
-    check refuses."""
-    for f in flags(type(args)):
-        value, check = getattr(args, f.name), f.metadata.get("check")
-        try:
-            problem = check(value) if check is not None and value is not None else None
-        except TypeError:  # a JSON config's "10" for an int, say
-            problem = f"must be of type {f.type.split(' ')[0]}"
-        if problem:
-            shown = " ".join(map(repr, value)) if isinstance(value, tuple) else repr(value)
-            raise UsageError(f"--{f.name} {shown}: {problem}")
-
-
-def public_values(args: Any) -> dict[str, Any]:
-    """dataclasses.asdict(args) with each secret flag's value masked (as HF's scripts mask
-    their hub token: "<HUB_TOKEN>")."""
-    values = dataclasses.asdict(args)
-    for f in flags(type(args)):
-        if f.metadata.get("secret") and values[f.name] is not None:
-            values[f.name] = f"<{f.name.upper()}>"
-    return values
 
 
 def spellings(name: str) -> list[str]:
@@ -96,16 +42,13 @@ def add_argument(parser: argparse.ArgumentParser, name: str, **kwargs: Any) -> N
     parser.add_argument(*spellings(name), dest=name, **kwargs)
 
 
-def flags(cls: type) -> list[dataclasses.Field]:
-    """The fields of the dataclass `cls` that are flags."""
-    return [f for f in dataclasses.fields(cls) if "help" in f.metadata]
-
-
-def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
-    """Every flag field of `cls`, typed from its annotation, with its help and default; in
-    --help, one group per class that declares some (cls first, then its bases), titled with
-    the first sentence of that class's docstring."""
-    todo = {f.name: f for f in flags(cls)}
+def add_flags(
+    parser: argparse.ArgumentParser, cls: type, only: Collection[str] | None = None
+) -> None:
+    """Every flag field of `cls` (or those named in `only`), typed from its annotation, with
+    its help and default; in --help, one group per class that declares some (cls first, then
+    its bases), titled with the first sentence of that class's docstring."""
+    todo = {f.name: f for f in flags(cls) if only is None or f.name in only}
     for owner in cls.__mro__:
         mine = [todo.pop(name) for name in vars(owner).get("__annotations__", {}) if name in todo]
         if not mine:
@@ -122,18 +65,13 @@ def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
                 add_argument(group, f.name, type=kind, default=f.default, help=help_)
 
 
-def from_values(cls: type[T], values: dict[str, Any]) -> T:
-    """`cls` from flag values (parsed, or read from a JSON config): lists become tuples."""
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
-
-
 def from_namespace(cls: type[T], ns: argparse.Namespace) -> T:
-    return from_values(cls, {f.name: getattr(ns, f.name) for f in flags(cls)})
+    """`cls` from parsed flags; a flag the command does not take keeps its default."""
+    given = {f.name: getattr(ns, f.name) for f in flags(cls) if hasattr(ns, f.name)}
+    return from_values(cls, given)
 
 
 def _remat_policy(name: str) -> str | None:
-    from nnx_caption.layers import Execution
-
     try:
         Execution(remat_policy=name)
     except ValueError as err:
@@ -143,15 +81,18 @@ def _remat_policy(name: str) -> str | None:
 
 @dataclasses.dataclass(frozen=True)
 class ModelArgs:
-    """Which model to build and how it runs. `train` and `bench` share these flags."""
+    """Which model to build and how it runs. Every command that loads a model takes these."""
 
     model_name_or_path: str | None = flag(
         None, "checkpoint folder (HF or NNX layout) or hub repo id to start from"
     )
+    revision: str | None = flag(None, "hub revision (branch, tag or commit) of the checkpoint")
+    cache_dir: str | None = flag(None, "huggingface_hub cache folder")
     model_class: str | None = flag(
         None,
         "the model to build, FILE.py:Class or module:Class: an edited architecture with "
-        "VisionEncoderDecoder's constructor (default: VisionEncoderDecoder)",
+        "VisionEncoderDecoder's constructor, e.g. the one an NNX checkpoint was saved from "
+        "(default: VisionEncoderDecoder)",
     )
     new_params: tuple[str, ...] = flag(
         (),
@@ -159,6 +100,12 @@ class ModelArgs:
         r"modules, e.g. 'decoder\.blocks\.\d+\.gate'): they keep --model_class's initial "
         "values; with --lora_rank they train with the adapters",
         regexes,
+    )
+    lora_rank: int = flag(
+        0,
+        "train only LoRA adapters of this rank on the attention and MLP projections (merged "
+        "into the weights at export)",
+        at_least(0),
     )
     dtype: str = flag(
         "float32",
@@ -191,24 +138,23 @@ class ModelArgs:
         """A UsageError naming the flag that cannot work."""
         check_flags(self)
 
-    def execution(self):
-        from nnx_caption.layers import Execution
-
+    def execution(self) -> Execution:
         return Execution(self.scan_layers, self.gradient_checkpointing, self.remat_policy)
 
-    def compute_dtype(self):
+    def compute_dtype(self) -> jnp.dtype | None:
         """None for float32 (the parameters' own dtype), else the jnp dtype."""
-        import jax.numpy as jnp
-
         return None if self.dtype == "float32" else jnp.dtype(self.dtype)
 
-    def mesh(self):
+    def model_cls(self) -> type:
+        return model_class(self.model_class)
+
+    def source(self) -> str:
+        """--model_name_or_path as a local folder (a hub repo's files downloaded)."""
+        return resolve(self.model_name_or_path, revision=self.revision, cache_dir=self.cache_dir)
+
+    def mesh(self) -> Mesh | None:
         """The (data, fsdp, tensor) mesh over all devices; None on one device. A UsageError
         when the --mesh_* flags do not fit the devices (on one device too)."""
-        import jax
-
-        from nnx_caption.sharding import make_mesh, mesh_shape
-
         sizes = (self.mesh_data, self.mesh_fsdp, self.mesh_tensor)
         try:
             mesh_shape(*sizes, jax.device_count())
@@ -218,17 +164,50 @@ class ModelArgs:
             ) from None
         return None if jax.device_count() == 1 else make_mesh(*sizes)
 
-    def load(self, source: str, mesh, seed: int = 0):
-        """The checkpoint at `source` (a resolved folder), built as these flags say."""
-        from nnx_caption.edits import model_class
-        from nnx_caption.hf import from_pretrained
-
-        return from_pretrained(
+    def load(self, source: str, mesh: Mesh | None, seed: int = 0) -> VisionEncoderDecoder:
+        """The checkpoint at `source` (a resolved folder), built as these flags say, with
+        LoRA adapters added when --lora_rank asks for them."""
+        model = from_pretrained(
             source,
             self.compute_dtype(),
             mesh=mesh,
-            model_cls=model_class(self.model_class),
+            model_cls=self.model_cls(),
             new_params=self.new_params,
             execution=self.execution(),
             seed=seed,
         )
+        return self.add_adapters(model, seed)
+
+    def add_adapters(self, model: VisionEncoderDecoder, seed: int) -> VisionEncoderDecoder:
+        """`model` with LoRA adapters of --lora_rank (none at 0)."""
+        if self.lora_rank:
+            added = add_lora(model, self.lora_rank, seed=seed)
+            log(f"LoRA rank {self.lora_rank} on {added} projections; only the adapters train")
+        return model
+
+
+# What `predict` and `convert` / `export` take of ModelArgs (their checkpoint is an argument).
+SOURCE_FLAGS = ("revision", "cache_dir", "model_class")
+PREDICT_FLAGS = (*SOURCE_FLAGS, "dtype", "scan_layers")
+
+
+@dataclasses.dataclass(frozen=True)
+class CaptionsPerImage:
+    """How a training batch groups captions. `train` and `bench` take this flag."""
+
+    captions_per_image: int = flag(
+        1,
+        "k > 1: training batches of images with k captions each, each image encoded once per "
+        "step (train: an epoch then covers every image once); 1: every caption with its own "
+        "image, as HF",
+        at_least(1),
+    )
+
+    def check_batch(self, per_device: int, name: str) -> None:
+        """A UsageError unless k divides the per-device batch (the flag `name`)."""
+        k = self.captions_per_image
+        if per_device % k:
+            raise UsageError(
+                f"--captions_per_image {k} must divide --{name} {per_device}: each device "
+                "holds whole images with their captions"
+            )

@@ -18,6 +18,7 @@ from flax import nnx
 
 from nnx_caption.config import CaptionConfig
 from nnx_caption.layers import Execution
+from nnx_caption.train import loss_and_grads
 
 
 def xla_train_step(model: nnx.Module, cfg: Any, batch: Mapping[str, Any]) -> float:
@@ -26,8 +27,6 @@ def xla_train_step(model: nnx.Module, cfg: Any, batch: Mapping[str, Any]) -> flo
     lowering that is never run. The blocks are unrolled and not rematerialised there, whatever
     the model's execution: XLA counts a scan's body once, and remat's recompute is hardware
     work, not model FLOPs. The optimizer update is not counted."""
-    from nnx_caption.train import loss_and_grads  # train imports this module's users
-
     graphdef, state = nnx.split(model)
     abstract = nnx.merge(
         graphdef, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)

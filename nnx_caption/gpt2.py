@@ -119,17 +119,14 @@ class CrossAttention(nnx.Module):
         return heads_first(kv[:, :, 0]), heads_first(kv[:, :, 1])
 
     def __call__(
-        self,
-        x: jax.Array,
-        layer: jax.Array | int,
-        kv: KV,
-        rngs: nnx.Rngs | None,
-        return_weights: bool = False,
-    ) -> jax.Array | tuple[jax.Array, jax.Array]:
+        self, x: jax.Array, layer: jax.Array | int, kv: KV, rngs: nnx.Rngs | None
+    ) -> jax.Array:
         """x (N, T, E), N a multiple of the B images in kv: the rows of an image (beams,
         captions) are adjacent and share its one K/V instead of a copy each. Cross-attention has
         no mask, so the rows of an image fold into its query axis and the result is exact.
-        Returns (N, T, E), and with `return_weights` the weights (N, T, H, S) float32 too."""
+        Returns (N, T, E). The weights (N, T, H, S) float32 are sown as "weights"
+        (nnx.Intermediate): the blocks' runner captures them, and keeps them when asked
+        (GPT2.cross_attention_weights), whatever block holds this module as `cross`."""
         n, t = x.shape[:2]
         images, heads, _, head_dim = kv[0].shape
         q = self.q(x).reshape(images, -1, heads, head_dim)  # (B, N / B * T, H, D)
@@ -144,10 +141,9 @@ class CrossAttention(nnx.Module):
             rngs=rngs,
             return_weights=True,
         )  # (B, N / B * T, H, D), (B, H, N / B * T, S)
-        out = self.o(out.reshape(n, t, *out.shape[2:]))  # (N, T, E)
-        if not return_weights:
-            return out
-        return out, weights.transpose(0, 2, 1, 3).reshape(n, t, heads, -1)  # (N, T, H, S)
+        weights = weights.transpose(0, 2, 1, 3).reshape(n, t, heads, -1)  # (N, T, H, S)
+        self.sow(nnx.Intermediate, "weights", weights)
+        return self.o(out.reshape(n, t, *out.shape[2:]))  # (N, T, E)
 
 
 class GPT2Block(nnx.Module):
@@ -179,21 +175,14 @@ class GPT2Block(nnx.Module):
         rngs: nnx.Rngs | None,
         cache: KV | None = None,
         start: jax.Array | int = 0,
-        *,
-        cross_weights: bool = False,
-    ) -> tuple[Any, jax.Array]:
-        """x (N, T, E) -> (updated cache, (N, T, E)); with `cross_weights`, ((updated cache,
-        cross-attention weights (N, T, H, S)), (N, T, E))."""
+    ) -> tuple[KV | None, jax.Array]:
+        """x (N, T, E) -> (updated cache, (N, T, E))."""
         cache, h = self.attn(self.ln_1(x), layer, mask, rngs, cache, start)
         x = x + dropout(h, self.dropout_rate, rngs)
-        h = self.cross(self.ln_cross(x), layer, image_kv, rngs, return_weights=cross_weights)
-        out = cache
-        if cross_weights:
-            h, weights = h
-            out = (cache, weights)
+        h = self.cross(self.ln_cross(x), layer, image_kv, rngs)
         x = x + dropout(h, self.dropout_rate, rngs)
         x = x + dropout(self.mlp(self.ln_2(x)), self.dropout_rate, rngs)
-        return out, constrain(x, ("batch", "seq", "act_embed"))
+        return cache, constrain(x, ("batch", "seq", "act_embed"))
 
 
 class GPT2(nnx.Module):
@@ -265,7 +254,7 @@ class GPT2(nnx.Module):
         attends causally to the others. Decoding passes `cache` (from `init_cache`): the tokens
         are written into it and attend to all of it, and the updated cache is returned.
         """
-        x, new_cache = self._blocks(ids, image, mask, rngs, cross_kv, cache, start)
+        x, new_cache, _ = self._blocks(ids, image, mask, rngs, cross_kv, cache, start)
         wte = self.wte[...]
         x = self.ln_f(x)
         # Logits come out in float32 whatever the compute dtype: the loss and the search's
@@ -288,12 +277,21 @@ class GPT2(nnx.Module):
         cross_kv: list[Any] | None = None,
     ) -> jax.Array:
         """(N, T, L, H, S) float32: each position's cross-attention weights over the image
-        tokens, in every layer and head, for ids (N, T) read as in training (no cache)."""
-        _, outs = self._blocks(ids, image, mask, None, cross_kv, None, 0, cross_weights=True)
-        return jnp.stack([weights for _, weights in outs], axis=2)
+        tokens, in every layer and head, for ids (N, T) read as in training (no cache): what
+        each block's `cross` module recorded, an edited block's too."""
+        _, _, recorded = self._blocks(ids, image, mask, None, cross_kv, None, 0, record=True)
+        try:
+            weights = [layer["cross"]["weights"].get_value()[0] for layer in recorded]
+        except KeyError:
+            raise ValueError(
+                f"{type(self.blocks[0]).__name__} records no cross-attention weights: the maps "
+                "come from a CrossAttention module held by each block as `cross`"
+            ) from None
+        return jnp.stack(weights, axis=2)
 
-    def _blocks(self, ids, image, mask, rngs, cross_kv, cache, start, cross_weights=False):
-        """The embeddings and every block: (x (N, T, E) before ln_f, each layer's output)."""
+    def _blocks(self, ids, image, mask, rngs, cross_kv, cache, start, record=False):
+        """The embeddings and every block: (x (N, T, E) before ln_f, each layer's output, and
+        with `record` what each layer recorded)."""
         t = ids.shape[1]
         positions = start + jnp.arange(t)
         if cache is None and t > self.cfg.n_positions:
@@ -315,8 +313,6 @@ class GPT2(nnx.Module):
             image_kv, layer_cache = extra
             if image_kv is None:  # projected inside the layer: under scan, one layer's at a time
                 image_kv = block.image_kv(image)
-            if cross_weights:  # only asked for when wanted: an edited block may lack the flag
-                return block(x, i, image_kv, attend, rngs, layer_cache, start, cross_weights=True)
             return block(x, i, image_kv, attend, rngs, layer_cache, start)
 
-        return run_blocks(self.blocks, layer, x, rngs, self.execution, per_layer)
+        return run_blocks(self.blocks, layer, x, rngs, self.execution, per_layer, record)

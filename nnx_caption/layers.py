@@ -259,9 +259,10 @@ def run_blocks(
     rngs: nnx.Rngs | None,
     execution: Execution,
     per_layer: Sequence[Any] | None = None,
-) -> tuple[jax.Array, list[Any]]:
+    record: bool = False,
+) -> tuple[jax.Array, list[Any], list[nnx.State] | None]:
     """Runs the blocks in order: `out_i, x = layer(block_i, x, i, per_layer[i], rngs_i)`.
-    Returns (x, [out_0, out_1, ...]).
+    Returns (x, [out_0, out_1, ...], what each block recorded or None).
 
     `i` is the layer index: a Python int when unrolled, a traced int32 under scan, so a
     per-layer constant (GPT-2's scale_attn_by_inverse_layer_idx) is computed from it at call
@@ -269,6 +270,11 @@ def run_blocks(
     out_i (its updated cache) are pytrees; None stands for nothing. Each block gets its own
     dropout stream, split from `rngs` up front: the unrolled loop and the scan draw the same
     masks, so they give the same result.
+
+    What the blocks' modules record (`Module.sow(nnx.Intermediate, ...)`) is captured around
+    each block, whatever it is: with `record`, returned per layer (an nnx.State by module
+    path), carried out of the scan and the remat as outputs (a sown value would be lost under
+    scan and refused under jax.checkpoint); without, dropped inside, where XLA drops its work.
     """
     n = len(blocks)
     keys = None if rngs is None else jax.random.split(rngs.dropout(), n)
@@ -277,7 +283,9 @@ def run_blocks(
 
     def apply(graphdef, state, x, index, extra, key):
         block = nnx.merge(graphdef, state)
-        return layer(block, x, index, extra, None if key is None else nnx.Rngs(dropout=key))
+        key = None if key is None else nnx.Rngs(dropout=key)
+        (out, x), recorded = nnx.capture(layer, nnx.Intermediate)(block, x, index, extra, key)
+        return (out, recorded if record else None), x
 
     if execution.remat:
         policy = execution.remat_policy and getattr(jax.checkpoint_policies, execution.remat_policy)
@@ -287,24 +295,25 @@ def run_blocks(
         for i, (graphdef, state) in enumerate(parts):
             out, x = apply(graphdef, state, x, i, per_layer[i], None if keys is None else keys[i])
             outs.append(out)
-        return x, outs
-    graphdef = parts[0][0]
-    if any(g != graphdef for g, _ in parts):
-        raise ValueError(
-            "scan over layers needs blocks of one structure; these differ (a block built with "
-            "per-layer attributes?): keep per-layer constants out of the blocks (compute them "
-            "from the layer index), or run unscanned"
-        )
-    stack = functools.partial(jax.tree.map, lambda *a: jnp.stack(a))
-    xs = (stack(*[s for _, s in parts]), stack(*per_layer), jnp.arange(n, dtype=jnp.int32), keys)
+    else:
+        graphdef = parts[0][0]
+        if any(g != graphdef for g, _ in parts):
+            raise ValueError(
+                "scan over layers needs blocks of one structure; these differ (a block built "
+                "with per-layer attributes?): keep per-layer constants out of the blocks "
+                "(compute them from the layer index), or run unscanned"
+            )
+        stack = functools.partial(jax.tree.map, lambda *a: jnp.stack(a))
+        xs = (stack(*[s for _, s in parts]), stack(*per_layer), jnp.arange(n, dtype=jnp.int32))
 
-    def body(x, layer_in):
-        state, extra, index, key = layer_in
-        out, x = apply(graphdef, state, x, index, extra, key)
-        return x, out
+        def body(x, layer_in):
+            state, extra, index, key = layer_in
+            out, x = apply(graphdef, state, x, index, extra, key)
+            return x, out
 
-    x, outs = jax.lax.scan(body, x, xs)
-    return x, [jax.tree.map(lambda a: a[i], outs) for i in range(n)]
+        x, stacked = jax.lax.scan(body, x, (*xs, keys))
+        outs = [jax.tree.map(lambda a: a[i], stacked) for i in range(n)]
+    return x, [out for out, _ in outs], [recorded for _, recorded in outs] if record else None
 
 
 class MLP(nnx.Module):

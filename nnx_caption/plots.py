@@ -18,6 +18,8 @@ import json
 import os
 from typing import Any
 
+from nnx_caption.files import replacing
+
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILES = ("loss.png", "learning_rate.png", "throughput.png", "eval_metrics.png")  # figures'
 EVAL_METRICS = ("Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "exact_match")
@@ -100,8 +102,6 @@ def figures(rows: list[dict]) -> dict[str, Any]:
 
 def plot_run(run_dir: str) -> list[str]:
     """Draws the plots of `run_dir`'s metrics.jsonl next to it; returns the files written."""
-    from nnx_caption.files import replacing
-
     path = os.path.join(run_dir, METRICS_FILE)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such file (is {run_dir} a `train` output_dir?)")

@@ -25,13 +25,13 @@ from tqdm import tqdm
 
 import nnx_caption as nc
 from nnx_caption import gallery, processes
-from nnx_caption.data import TABLE_SUFFIXES, read_table
+from nnx_caption.captioning import Captioner
+from nnx_caption.data import TABLE_SUFFIXES, process_rows, read_table
+from nnx_caption.errors import UsageError
 from nnx_caption.files import replacing
-from nnx_caption.flags import UsageError
-from nnx_caption.generate import search_settings
-from nnx_caption.hf import resolve
-from nnx_caption.processing import _to_rgb
-from nnx_caption.progress import first_call
+from nnx_caption.flags import ModelArgs
+from nnx_caption.metrics import caption_metrics, exact_match
+from nnx_caption.processing import load_rgb
 from nnx_caption.sharding import make_mesh, put_rows
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -117,7 +117,7 @@ def _load(path: str, processor: nc.ImageProcessor, thumbnail: bool) -> _Loaded:
     try:
         if os.path.isfile(path) and os.path.getsize(path) == 0:
             return _Loaded(path, None, None, "empty file (0 bytes)")
-        rgb = _to_rgb(path)
+        rgb = load_rgb(path)
         return _Loaded(
             path, processor.preprocess_one(rgb), gallery.thumbnail(rgb) if thumbnail else None, None
         )
@@ -147,8 +147,6 @@ def _batches(
     """(first input index, this process's rows) of each batch of `batch` inputs: each of the N
     processes decodes its contiguous block of batch / N rows (data.process_rows' layout); a
     row past the last input is padding (None)."""
-    from nnx_caption.data import process_rows
-
     rows = process_rows(batch, (jax.process_index(), jax.process_count()))
     mine = [(s, [s + r for r in range(rows.start, rows.stop)]) for s in range(0, len(paths), batch)]
     todo = [i for _, indices in mine for i in indices if i < len(paths)]
@@ -205,139 +203,149 @@ def predict(
     every beam is kept, as `candidates`. With `caption_column`, a table's captions are the
     references its images are scored against (exact match, CIDEr). `attention_maps` puts each
     caption's cross-attention over its image into the gallery. `model_class` is the edited
-    architecture the checkpoint holds (a class, or a --model_class spec).
+    architecture the checkpoint holds (a class, or a --model_class spec); `dtype`, `revision`,
+    `cache_dir` and it mean what the model flags (flags.ModelArgs) of every command mean.
     """
-    import jax.numpy as jnp  # deferred, as everywhere in the CLI: argument errors stay fast
-
-    if batch_size < 1:
-        raise UsageError(f"--batch_size must be >= 1, got {batch_size}")
-    if limit is not None and limit < 1:
-        raise UsageError(f"--limit must be >= 1, got {limit}")
-    dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-    if dtype not in dtypes:
-        raise UsageError(f"--dtype must be one of {', '.join(dtypes)}, got {dtype!r}")
+    how = _checked(model_dir, batch_size, limit, dtype, revision, cache_dir, model_class)
     paths, references = collect_inputs(inputs, image_column, limit, caption_column)
     multi = jax.process_count() > 1
-    if multi and batch_size % jax.device_count():
-        raise UsageError(
-            f"--batch_size {batch_size}: a run of {jax.process_count()} processes splits each "
-            f"batch over its {jax.device_count()} devices; pass a multiple of that"
-        )
+    files = {
+        f"{name}_file": os.path.join(output_dir, f"{name}.{suffix}")
+        for name, suffix in (("predictions", "jsonl"), ("skipped", "jsonl"), ("gallery", "html"))
+    }
     if processes.is_main():
         os.makedirs(output_dir, exist_ok=True)
-    files = {
-        "predictions_file": os.path.join(output_dir, "predictions.jsonl"),
-        "skipped_file": os.path.join(output_dir, "skipped.jsonl"),
-        "gallery_file": os.path.join(output_dir, "gallery.html"),
-    }
 
     start = time.perf_counter()
-    directory = resolve(model_dir, revision=revision, cache_dir=cache_dir)
-    from nnx_caption.edits import model_class as resolve_class
-
-    model_cls = model_class if isinstance(model_class, type) else resolve_class(model_class)
+    search = dict(num_beams=num_beams, max_length=max_length, max_new_tokens=max_new_tokens)
     mesh = make_mesh() if multi else None  # the batch split over every process's devices
-    model = nc.from_pretrained(directory, dtypes[dtype], mesh=mesh, model_cls=model_cls)
-    try:
-        processor = nc.ImageProcessor.from_pretrained(directory)
-        tokenizer = nc.Tokenizer.from_pretrained(directory)
-    except (OSError, ValueError) as err:
-        raise nc.CheckpointError(f"{model_dir}: {err}") from None
-    gen = dict(num_beams=num_beams, max_length=max_length, max_new_tokens=max_new_tokens)
-    try:  # checked here, before any image is decoded, rather than by generate() at the first batch
-        search, _ = search_settings(model.config, **gen)
-    except ValueError as err:
-        raise UsageError(f"{model_dir}: {err}") from None
-    # Every beam comes back (the first is the caption, as with one), and the attention maps.
-    gen.update(
-        num_return_sequences=search.num_beams, output_cross_attentions=attention_maps, mesh=mesh
-    )
-    grid = _patch_grid(model.config) if attention_maps else None
-    settings = dict(
-        num_beams=search.num_beams, max_length=search.max_length, dtype=dtype, batch_size=batch_size
-    )
+    model, captioner, processor = _load_model(how, search, attention_maps, mesh)
     load_seconds = time.perf_counter() - start
     # Fewer images than a batch: no need to pad them up (one process; N split a whole batch).
     batch = batch_size if multi else min(batch_size, len(paths))
     workers = workers or min(8, os.cpu_count() or 1)
-    main = processes.is_main()
-    bar = None  # it starts after the first batch, whose search compiles
-    records: list[dict] = []
-    skipped: list[dict] = []
-    cards: list[gallery.Card] = []
-    k = search.num_beams
-    blank = np.zeros((processor.height, processor.width, 3), np.float32)
-
-    for first, mine in _batches(paths, batch, processor, workers, gallery_size):
-        # Every row in every batch, whatever failed: the compiled search sees one shape, and
-        # each process puts the same number of rows.
-        local = np.stack([x.pixels if x and x.pixels is not None else blank for _, x in mine])
-        pixels = local if mesh is None else put_rows(local, mesh)
-        out = first_call("generation", nc.generate, model, pixels, **gen)
-        rows = [(i, x.error, x.thumbnail) for i, x in mine if x is not None]
-        for i, error, thumbnail in sorted(sum(processes.gather_json(rows), [])):
-            path = paths[i]
-            if error is not None:
-                skipped.append(dict(image=path, reason=error))
-                if main:
-                    tqdm.write(f"warning: skipped {path}: {error}", file=sys.stderr)
-                continue
-            card = _caption(out, (i - first) * k, k, path, thumbnail, tokenizer, grid)
-            if path in references:
-                card.references = references[path]
-            records.append(_record(card))
-            if thumbnail:
-                cards.append(card)
-        done = min(first + batch, len(paths))
-        if bar is None:
-            bar = tqdm(total=len(paths), initial=done, unit="img", desc="captioning",
-                       disable=not (progress and main))  # fmt: skip
-        else:
-            bar.update(done - bar.n)
-    bar.close()
-    seconds = time.perf_counter() - start
-    if not records:
-        if main:
-            _write_atomic(files["skipped_file"], _jsonl(skipped))
+    found = _Found(paths, references)
+    with tqdm(total=len(paths), unit="img", desc="captioning",
+              disable=not (progress and processes.is_main())) as bar:  # fmt: skip
+        for first, mine in _batches(paths, batch, processor, workers, gallery_size):
+            found.add(model, captioner, first, mine, processor)
+            bar.update(min(first + batch, len(paths)) - bar.n)
+    seconds = time.perf_counter() - start - load_seconds
+    if not found.records:
+        if processes.is_main():
+            _write_atomic(files["skipped_file"], _jsonl(found.skipped))
         raise UsageError(
             f"none of the {len(paths)} images could be read (reasons in {files['skipped_file']})"
         )
-    scores = _scores(records) if main else {}  # process 0 writes: the others took part
-    if main:
-        _write(files, records, skipped, cards, scores, f"nnx-caption predictions: {model_dir}",
-               settings)  # fmt: skip
+    scores = _scores(found.records) if processes.is_main() else {}
+    if processes.is_main():  # process 0 writes: the others took part
+        search = captioner.search
+        settings = dict(num_beams=search.num_beams, max_length=search.max_length, dtype=dtype,
+                        batch_size=batch_size)  # fmt: skip
+        _write(files, found, scores, f"nnx-caption predictions: {model_dir}", settings)
     return dict(
-        captioned=len(records),
-        skipped=len(skipped),
+        captioned=len(found.records),
+        skipped=len(found.skipped),
         load_seconds=load_seconds,
-        caption_seconds=seconds - load_seconds,
-        images_per_second=len(paths) / max(seconds - load_seconds, 1e-9),
+        caption_seconds=seconds,
+        images_per_second=len(paths) / max(seconds, 1e-9),
         **scores,
         **files,
     )
 
 
-def _write(files: dict, records, skipped, cards, scores: dict, title: str, settings) -> None:
+def _checked(model_dir, batch_size, limit, dtype, revision, cache_dir, model_class) -> ModelArgs:
+    """The options checked (a UsageError naming a bad one); the model flags they give."""
+    for name, value in (("batch_size", batch_size), ("limit", limit)):
+        if value is not None and value < 1:
+            raise UsageError(f"--{name} must be >= 1, got {value}")
+    if jax.process_count() > 1 and batch_size % jax.device_count():
+        raise UsageError(
+            f"--batch_size {batch_size}: a run of {jax.process_count()} processes splits each "
+            f"batch over its {jax.device_count()} devices; pass a multiple of that"
+        )
+    how = ModelArgs(
+        model_name_or_path=model_dir,
+        revision=revision,
+        cache_dir=cache_dir,
+        model_class=model_class,
+        dtype=dtype,
+    )
+    how.check()
+    return how
+
+
+def _load_model(
+    how: ModelArgs, search: dict, attention_maps: bool, mesh
+) -> tuple[nc.VisionEncoderDecoder, Captioner, nc.ImageProcessor]:
+    """The checkpoint's model, processor and tokenizer, and its search checked (before any
+    image is decoded, rather than at the first batch): every beam comes back."""
+    source = how.source()
+    model = how.load(source, mesh)
+    try:
+        processor = nc.ImageProcessor.from_pretrained(source)
+        tokenizer = nc.Tokenizer.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        raise nc.CheckpointError(f"{how.model_name_or_path}: {err}") from None
+    try:
+        captioner = Captioner(
+            model.config,
+            tokenizer,
+            **search,
+            all_beams=True,
+            attention_maps=attention_maps,
+            mesh=mesh,
+        )
+    except UsageError as err:
+        raise UsageError(f"{how.model_name_or_path}: {err}") from None
+    return model, captioner, processor
+
+
+class _Found:
+    """What captioning the inputs found, in input order: predictions.jsonl's records, the
+    skipped images and the gallery's cards."""
+
+    def __init__(self, paths: list[str], references: dict[str, list[str]]):
+        self.paths, self.references = paths, references
+        self.records: list[dict] = []
+        self.skipped: list[dict] = []
+        self.cards: list[gallery.Card] = []
+
+    def add(self, model, captioner: Captioner, first: int, mine, processor) -> None:
+        """Captions one batch (first input index, this process's rows): every row, whatever
+        failed to decode, so that the compiled search sees one shape and every process puts
+        the same number of rows."""
+        blank = np.zeros((processor.height, processor.width, 3), np.float32)
+        local = np.stack([x.pixels if x and x.pixels is not None else blank for _, x in mine])
+        mesh = captioner.options["mesh"]
+        out = captioner.generate(model, local if mesh is None else put_rows(local, mesh))
+        rows = [(i, x.error, x.thumbnail) for i, x in mine if x is not None]
+        for i, error, thumbnail in sorted(sum(processes.gather_json(rows), [])):
+            path = self.paths[i]
+            if error is not None:
+                self.skipped.append(dict(image=path, reason=error))
+                if processes.is_main():
+                    tqdm.write(f"warning: skipped {path}: {error}", file=sys.stderr)
+                continue
+            found = captioner.caption(out, i - first, maps=bool(thumbnail))
+            card = gallery.Card(path, thumbnail, found.caption, found.score,
+                                self.references.get(path), found.candidates, found.words,
+                                found.maps)  # fmt: skip
+            self.records.append(_record(card))
+            if thumbnail:
+                self.cards.append(card)
+
+
+def _write(files: dict, found: _Found, scores: dict, title: str, settings) -> None:
     """predictions.jsonl, skipped.jsonl and gallery.html, each whole or not at all."""
-    _write_atomic(files["skipped_file"], _jsonl(skipped))
-    _write_atomic(files["predictions_file"], _jsonl(records))
+    _write_atomic(files["skipped_file"], _jsonl(found.skipped))
+    _write_atomic(files["predictions_file"], _jsonl(found.records))
     summary = None
     if scores:
         summary = gallery.summary(scores["exact_match"], scores["CIDEr"])
         summary += f" on the {scores['scored']} images with references"
-    page = gallery.page(title, settings, cards, len(records), summary)
+    page = gallery.page(title, settings, found.cards, len(found.records), summary)
     _write_atomic(files["gallery_file"], page)
-
-
-def _caption(out, row: int, k: int, path: str, thumbnail, tokenizer, grid) -> gallery.Card:
-    """The card of the image whose k beams start at `row` of generate's output."""
-    texts = tokenizer.batch_decode(out.sequences[row : row + k], skip_special_tokens=True)
-    beams = [(text.strip(), float(out.scores[row + b])) for b, text in enumerate(texts)]
-    card = gallery.Card(path, thumbnail, beams[0][0], beams[0][1])
-    card.candidates = beams
-    if grid is not None and thumbnail:
-        card.words, card.maps = _attention(out, row, grid, tokenizer)
-    return card
 
 
 def _record(card: gallery.Card) -> dict:
@@ -356,32 +364,6 @@ def _scores(records: list[dict]) -> dict[str, float]:
     scored = [r for r in records if "references" in r]
     if not scored:
         return {}
-    from nnx_caption.metrics import caption_metrics, exact_match
-
     captions, references = [r["caption"] for r in scored], [r["references"] for r in scored]
     cider = caption_metrics(captions, references)["CIDEr"]
     return dict(exact_match=exact_match(captions, references), CIDEr=cider, scored=len(scored))
-
-
-def _patch_grid(config: nc.CaptionConfig) -> tuple[int, int]:
-    return config.encoder.grid_size, config.encoder.grid_size
-
-
-def _attention(out, row: int, grid: tuple[int, int], tokenizer) -> tuple[list[str], np.ndarray]:
-    """The words of the caption in `row` and their maps (words, 1 + layers, rows, columns)."""
-    ids = out.sequences[row, 1:].tolist()  # the generated tokens, the start token left out
-    eos = tokenizer.eos_token_id
-    n = ids.index(eos) if eos in ids else len(ids)  # EOS ends the caption: no word of its own
-    words, shown = [], 0
-    for j in range(n):  # each token's new text: a character split over tokens goes to its last
-        text = tokenizer.decode(ids[: j + 1])
-        partial = text.endswith("\ufffd") and j < n - 1
-        words.append("" if partial else text[shown:])
-        shown = shown if partial else len(text)
-    weights = out.cross_attentions[row, :n]  # (words, layers, heads, image tokens)
-    if weights.shape[-1] != 1 + grid[0] * grid[1]:
-        raise UsageError(
-            f"--attention_maps: the encoder makes {weights.shape[-1]} image tokens, not a CLS "
-            f"token and a {grid[0]}x{grid[1]} patch grid; this model's maps cannot be drawn"
-        )
-    return words, gallery.attention_grid(weights, grid)

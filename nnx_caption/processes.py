@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 T = TypeVar("T")
 
@@ -26,8 +27,6 @@ def any_process(flag: bool) -> bool:
     all-gather), and all get the same answer, so they take the same branch."""
     if jax.process_count() == 1:
         return bool(flag)
-    from jax.experimental import multihost_utils
-
     return bool(multihost_utils.process_allgather(np.int32(flag)).max())
 
 
@@ -35,8 +34,6 @@ def gather_json(value: Any) -> list[Any]:
     """Every process's `value` (anything JSON holds), in process order, on every process."""
     if jax.process_count() == 1:
         return [value]
-    from jax.experimental import multihost_utils
-
     data = np.frombuffer(json.dumps(value).encode(), np.uint8)
     sizes = multihost_utils.process_allgather(np.int32(len(data)))
     padded = np.zeros(int(sizes.max()), np.uint8)
@@ -70,6 +67,4 @@ def from_main(fn: Callable[[], T], errors: tuple[type[Exception], ...]) -> T:
 def barrier(name: str) -> None:
     """Every process waits here for the others (e.g. until process 0's files are final)."""
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices(name)

@@ -93,7 +93,7 @@ def _pil_to_rgb(image: Image.Image, upright: bool = False) -> np.ndarray:
     return np.asarray(image.convert("RGB"))
 
 
-def _to_rgb(image: ImageInput) -> np.ndarray:
+def load_rgb(image: ImageInput) -> np.ndarray:
     """Any supported input -> (H, W, 3) uint8; files (paths, bytes) upright, PIL images and
     arrays as given, as in transformers."""
     if isinstance(image, np.ndarray):
@@ -225,7 +225,7 @@ class ImageProcessor:
 
     def preprocess_one(self, image: ImageInput) -> np.ndarray:
         """One image -> (H, W, 3) float32."""
-        return self.normalize(self.resize(_to_rgb(image)))
+        return self.normalize(self.resize(load_rgb(image)))
 
     def __call__(self, images: ImageInput | Sequence[ImageInput]) -> np.ndarray:
         """A PIL image, uint8 array ((H, W) or (H, W, C)), path, bytes, or list -> (B, H, W, 3)."""

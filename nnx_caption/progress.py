@@ -24,11 +24,11 @@ def log(msg: str) -> None:
 def first_call(what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """fn(*args, **kwargs). The first time `what` runs in this process, it also logs how long
     that call took ("compiled train step in 41.2 s"): compiling and one run, which progress
-    bars and throughput leave out. The call is waited for either way."""
+    bars and throughput leave out. Only that first call is waited for."""
+    if what in _COMPILED:
+        return fn(*args, **kwargs)
     start = time.perf_counter()
     out = jax.block_until_ready(fn(*args, **kwargs))
-    if what not in _COMPILED:
-        _COMPILED.add(what)
-        seconds = time.perf_counter() - start
-        log(f"compiled {what} in {seconds:.1f} s (its first call: compile + run)")
+    _COMPILED.add(what)
+    log(f"compiled {what} in {time.perf_counter() - start:.1f} s (its first call: compile + run)")
     return out

@@ -25,9 +25,10 @@ import threading
 import time
 
 from nnx_caption.checkpointing import REFUSED, STEP_PREFIX, checkpoints
+from nnx_caption.errors import UsageError
 from nnx_caption.files import replacing
-from nnx_caption.flags import UsageError
-from nnx_caption.hf import AUX_FILES, HF_WEIGHTS, NNX_WEIGHTS, listing
+from nnx_caption.hub import AUX_FILES, HF_WEIGHTS, NNX_WEIGHTS
+from nnx_caption.names import listing
 from nnx_caption.plots import METRICS_FILE, PLOT_FILES
 
 log = logging.getLogger(__name__)

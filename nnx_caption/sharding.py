@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -128,8 +129,6 @@ def to_host(x: jax.Array) -> np.ndarray:
     if x.is_fully_replicated:
         return np.array(x.addressable_data(0))
     if not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
-
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     out = np.empty(x.shape, x.dtype)
     for shard in x.addressable_shards:  # each block once, from one device that holds it

@@ -7,6 +7,7 @@ The step is a pure function of (state, batch, step number): `state` is the nnx.S
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
 from dataclasses import asdict, dataclass
@@ -20,16 +21,17 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from nnx_caption.checkpointing import Checkpointer
 from nnx_caption.errors import Diverged
-from nnx_caption.flags import at_least, flag, fraction, regexes
-from nnx_caption.hf import path_str
 from nnx_caption.model import VisionEncoderDecoder
+from nnx_caption.names import path_str
+from nnx_caption.options import at_least, flag, flags, fraction, regexes
 from nnx_caption.sharding import put_rows, scalar
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation. The meaning (and defaults) of HF's captioning script; fields with help
-    are `train`'s flags of the same name (loop.TrainArgs extends this class)."""
+    """The train step: optimisation and what trains. The meaning (and defaults) of HF's
+    captioning script; fields with help are the flags of the same name of `train` and `bench`
+    (their flag classes extend this one; TrainConfig.of takes these fields back out)."""
 
     learning_rate: float = flag(5e-5, "peak learning rate of AdamW", at_least(0))
     weight_decay: float = flag(0.0, "AdamW weight decay (not on biases and LayerNorm)", at_least(0))
@@ -57,7 +59,14 @@ class TrainConfig:
     )
     lora: bool = False  # train the LoRA adapters (lora.add_lora) and new_params; the rest frozen
     new_params: tuple[str, ...] = ()  # from_pretrained's new_params (flags.ModelArgs' flag)
-    seed: int = flag(42, "seed of data order, dropout and init")
+    seed: int = flag(42, "seed of data order, dropout and init (bench: its weights and inputs)")
+
+    @classmethod
+    def of(cls, args: object, **derived: object) -> TrainConfig:
+        """The train-step options among a command's flags (an object extending this class),
+        with the fields the command derives (total_steps, lora, new_params); nothing else of
+        the flags (a hub token) reaches the config, which checkpoints record."""
+        return cls(**{f.name: getattr(args, f.name) for f in flags(cls)}, **derived)
 
 
 # Loss -----------------------------------------------------------------------------------------
@@ -220,6 +229,11 @@ def _eval_step(graphdef, state, batch, label_smoothing: float):
     return cross_entropy(logits, batch["labels"], batch["decoder_attention_mask"], label_smoothing)
 
 
+def _mesh(mesh: Mesh | None) -> contextlib.AbstractContextManager:
+    """jax.set_mesh(mesh), or nothing without a mesh."""
+    return jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
+
+
 class Trainer:
     """Holds the (model, optimizer) state between steps as one pytree, sharded on `mesh`."""
 
@@ -270,7 +284,7 @@ class Trainer:
         }
 
     def train_step(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        with _mesh_context(self.mesh):
+        with _mesh(self.mesh):
             self.state, metrics, self._first_bad = self._step(
                 self.state, self.put(batch), jnp.int32(self.step), self._first_bad
             )
@@ -279,7 +293,7 @@ class Trainer:
 
     def eval_loss(self, batch: dict[str, np.ndarray]) -> tuple[float, float]:
         """(summed loss, real tokens) of one batch."""
-        with _mesh_context(self.mesh):
+        with _mesh(self.mesh):
             total, count = _eval_step(
                 self.graphdef, self.state, self.put(batch), self.cfg.label_smoothing_factor
             )
@@ -338,16 +352,3 @@ class Trainer:
             raise Diverged(
                 f"training diverged: the loss or gradient norm was NaN or Inf at step {step}"
             )
-
-
-class _mesh_context:
-    """`jax.set_mesh(mesh)` when a mesh is given, else nothing."""
-
-    def __init__(self, mesh: Mesh | None):
-        self.ctx = jax.set_mesh(mesh) if mesh is not None else None
-
-    def __enter__(self):
-        return self.ctx.__enter__() if self.ctx is not None else None
-
-    def __exit__(self, *exc):
-        return self.ctx.__exit__(*exc) if self.ctx is not None else None

@@ -158,7 +158,7 @@ class ViT(nnx.Module):
             images = images.astype(self.dtype)
         x = dropout(self.embeddings(images), self.dropout_rate, rngs)
         x = constrain(x, ("batch", "seq", "act_embed"))
-        x, _ = run_blocks(
+        x, _, _ = run_blocks(
             self.blocks,
             lambda block, x, i, _, rngs: (None, block(x, rngs)),
             x,

@@ -33,6 +33,8 @@ from transformers import (
     ViTImageProcessorPil,
 )
 
+from nnx_caption.config import tiny
+
 EOT = "<|endoftext|>"
 # SEED and INIT_STD were picked by searching seeds 0-159 x std 0.2/0.3/0.4 (EOS is 1 token of
 # 336, so random weights rarely emit it) for a setting where generation is non-trivial on the
@@ -96,31 +98,13 @@ def make_tokenizer(vocab_size: int = 336) -> GPT2TokenizerFast:
 
 
 def make_model(vocab_size: int, eot_id: int) -> VisionEncoderDecoderModel:
-    """ViT encoder (d=32) + GPT-2 decoder (d=48): the sizes differ so `enc_to_dec_proj` exists."""
-    encoder = ViTConfig(
-        image_size=32,
-        patch_size=8,
-        num_channels=3,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        hidden_act="gelu",
-        qkv_bias=True,
-        initializer_range=INIT_STD,
-    )
+    """The sizes of nnx_caption.config.tiny() (the one place they are written): ViT encoder
+    (d=32) + GPT-2 decoder (d=48), widths that differ so `enc_to_dec_proj` exists."""
+    sizes = tiny().to_hf()
+    encoder = ViTConfig(**{**sizes["encoder"], "initializer_range": INIT_STD})
+    ids = dict(bos_token_id=eot_id, eos_token_id=eot_id, pad_token_id=None)
     decoder = GPT2Config(
-        vocab_size=vocab_size,
-        n_positions=64,
-        n_embd=48,
-        n_layer=2,
-        n_head=4,
-        activation_function="gelu_new",
-        add_cross_attention=True,
-        is_decoder=True,
-        bos_token_id=eot_id,
-        eos_token_id=eot_id,
-        initializer_range=INIT_STD,
+        **{**sizes["decoder"], **ids, "vocab_size": vocab_size, "initializer_range": INIT_STD}
     )
     config = VisionEncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder)
     # As nlpconnect/vit-gpt2-image-captioning: start with bos, pad with eos.

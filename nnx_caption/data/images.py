@@ -17,14 +17,15 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from nnx_caption.processing import ImageProcessor, _to_rgb
+from nnx_caption.processes import gather_json
+from nnx_caption.processing import ImageProcessor, load_rgb
 
 
 def _decode(path: str, processor: ImageProcessor) -> np.ndarray:
     """One file -> (H, W, 3) uint8, converted and resized exactly as ImageProcessor does."""
     if os.path.isfile(path) and os.path.getsize(path) == 0:
         raise ValueError("empty file (0 bytes)")
-    rgb = processor.resize(_to_rgb(path))
+    rgb = processor.resize(load_rgb(path))
     if rgb.shape[:2] != (processor.height, processor.width):  # do_resize is off
         raise ValueError(
             f"image is {rgb.shape[1]}x{rgb.shape[0]}; without resizing the processor needs "
@@ -233,8 +234,6 @@ class ImageStore:
                 found.update(self._keep(slots, *next(decoded)))
             decoded.close()  # the workers end now, and with them their shared memory
             if count > 1:  # every process's blocks: all skip the same rows
-                from nnx_caption.processes import gather_json
-
                 found = {int(k): v for block in gather_json(found) for k, v in block.items()}
             self.reasons = dict(sorted(found.items()))
         else:

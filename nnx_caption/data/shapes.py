@@ -11,6 +11,8 @@ from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
+from tokenizers import Tokenizer as Backend
+from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
 from nnx_caption.processing import Tokenizer
 
@@ -170,9 +172,6 @@ def train_caption_tokenizer(captions: Sequence[str], out_dir: str, vocab_size: i
     """A small GPT-2-style byte-level BPE trained on the lower-cased captions (as they are
     encoded), "<|endoftext|>" its bos / eos / unk / pad token; loadable with
     `Tokenizer.from_pretrained` and transformers' `AutoTokenizer`."""
-    from tokenizers import Tokenizer as Backend
-    from tokenizers import decoders, models, pre_tokenizers, processors, trainers
-
     eot = "<|endoftext|>"
     # Not GPT-2's full 256-byte alphabet, which alone would outgrow the vocabulary: only the
     # characters of the captions. Others are dropped, with no unk token, as transformers'

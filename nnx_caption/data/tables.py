@@ -213,19 +213,7 @@ def load_split(
         raise DataError(f"{path}: no such file or folder")
     if data_dir is not None and not os.path.isdir(data_dir):
         raise DataError(f"data_dir {data_dir}: no such folder")
-
-    if os.path.isdir(path):
-        found = [os.path.join(path, n) for n in IMAGEFOLDER_METADATA]
-        found = [f for f in found if os.path.isfile(f)]
-        if not found:
-            raise DataError(
-                f"{path}: a folder needs {' or '.join(IMAGEFOLDER_METADATA)} (imagefolder layout)"
-            )
-        table = found[0]
-    else:
-        table = path
-    if os.path.splitext(table)[1].lower() not in TABLE_SUFFIXES:
-        raise DataError(f"{path}: expected a .csv, .json or .jsonl file, or an imagefolder folder")
+    table = _table_of(path)
     base = data_dir if data_dir is not None else os.path.dirname(os.path.abspath(table))
     is_json = table.endswith(".json")
     captions = _caption_file(table, split, karpathy_restval, base) if is_json else None
@@ -241,7 +229,32 @@ def load_split(
     for column in (image_column, caption_column):
         if column not in columns:
             raise DataError(f"{table}: no column {column!r} (columns: {', '.join(columns)})")
+    found = _examples(rows, table, base, image_column, caption_column, max_samples)
+    if not found.examples:
+        first = "; ".join(f"{w}: {why}" for w, why in found.skipped[:3])
+        raise DataError(f"{table}: no usable rows ({len(found.skipped)} skipped; first: {first})")
+    return found
 
+
+def _table_of(path: str) -> str:
+    """The table file of `path`: itself, or an imagefolder's metadata file."""
+    table = path
+    if os.path.isdir(path):
+        found = [os.path.join(path, n) for n in IMAGEFOLDER_METADATA]
+        found = [f for f in found if os.path.isfile(f)]
+        if not found:
+            raise DataError(
+                f"{path}: a folder needs {' or '.join(IMAGEFOLDER_METADATA)} (imagefolder layout)"
+            )
+        table = found[0]
+    if os.path.splitext(table)[1].lower() not in TABLE_SUFFIXES:
+        raise DataError(f"{path}: expected a .csv, .json or .jsonl file, or an imagefolder folder")
+    return table
+
+
+def _examples(rows, table: str, base: str, image_column: str, caption_column: str, limit):
+    """The rows as a Split: an Example for each usable one (up to `limit`), the reason for
+    each skipped one."""
     examples, skipped = [], []
     is_file: dict[str, bool] = {}  # COCO-style tables name each image once per caption
     for number, record in rows:
@@ -263,9 +276,6 @@ def load_split(
             skipped.append((where, f"image file not found: {image}"))
             continue
         examples.append(Example(image, caption))
-        if max_samples is not None and len(examples) == max_samples:
+        if limit is not None and len(examples) == limit:
             break
-    if not examples:
-        first = "; ".join(f"{w}: {why}" for w, why in skipped[:3])
-        raise DataError(f"{table}: no usable rows ({len(skipped)} skipped; first: {first})")
     return Split(examples, skipped)

@@ -7,6 +7,7 @@ import csv
 import html
 import io
 import json
+import pathlib
 from html.parser import HTMLParser
 
 import numpy as np
@@ -15,7 +16,9 @@ from PIL import Image
 
 import nnx_caption as nc
 from nnx_caption.cli import main
+from nnx_caption.edits import load_class
 from nnx_caption.generate import _search
+from nnx_caption.hub import copy_aux_files
 from nnx_caption.predict import predict
 
 
@@ -311,3 +314,36 @@ def test_gallery_shows_references_matches_beams_and_attention(tiny_dir, tmp_path
         want = weights / weights.max(axis=-1, keepdims=True)
         np.testing.assert_allclose(maps[:, 0] / 255, want, atol=1 / 255)
         assert views == 1 + model.config.decoder.n_layer
+
+
+GATED = "examples/gated_cross_attention.py:GatedCaptioner"
+
+
+def test_attention_maps_of_an_edited_model_that_overrides_its_blocks(
+    tiny_dir, tmp_path, monkeypatch
+):
+    """`predict --attention_maps --model_class` on the project's gated cross-attention example
+    (its block overrides __call__): the gallery has each word's maps, and with its gates closed
+    the edit is neutral, so captions, beams and maps are the stock model's."""
+    monkeypatch.chdir(pathlib.Path(__file__).parents[2])  # the spec is relative to the repo
+    gated = nc.from_pretrained(
+        tiny_dir, model_cls=load_class(GATED), new_params=(r"decoder\.blocks\.\d+\.gated\..*",)
+    )
+    saved = tmp_path / "gated"
+    nc.save_pretrained(gated, saved, layout="nnx")
+    copy_aux_files(str(tiny_dir), str(saved))
+    good = _make_good(tmp_path / "imgs")
+    flags = ["--num_beams", "2", "--attention_maps", "--batch_size", "2"]
+    pages = []
+    for name, model, more in (("stock", tiny_dir, []), ("gated", saved, ["--model_class", GATED])):
+        out = tmp_path / name
+        assert main(["predict", str(model), *good, "--output_dir", str(out), *flags, *more]) == 0
+        page = _Cards()
+        page.feed((out / "gallery.html").read_text(encoding="utf-8"))
+        pages.append((_read_jsonl(out / "predictions.jsonl"), page))
+    (stock_records, stock_page), (gated_records, gated_page) = pages
+    assert gated_records == stock_records
+    assert len(gated_page.cards) == len(good) and gated_page.maps
+    for card in gated_page.cards:
+        assert card["words"]
+        assert gated_page.maps[card["id"]] == stock_page.maps[card["id"]]

@@ -4,20 +4,23 @@ its extra layer, and MFU is FLOPs / time / peak."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import dataclasses
 import io
 import json
 import pathlib
 
 import jax
+import numpy as np
 import pytest
 from flax import nnx
 
-from nnx_caption import bench
+from nnx_caption import bench, train_args
 from nnx_caption.cli import main as cli
 from nnx_caption.config import tiny
 from nnx_caption.hf import init_model
-from nnx_caption.train import TrainConfig, loss_and_grads
+from nnx_caption.train import TrainConfig, Trainer, loss_and_grads
 
 ROOT = pathlib.Path(__file__).parents[2]
 EXAMPLE = ROOT / "examples" / "gated_cross_attention.py"
@@ -114,3 +117,48 @@ def test_bad_flags_are_usage_errors(capsys):
     assert cli(["bench", "--model_name_or_path", str(TINY), "--image_size", "64"]) == 2
     err = capsys.readouterr().err
     assert "--image_size 64" in err and "trained at 32" in err
+
+
+STEP_FLAGS = [
+    "--gradient_accumulation_steps", "2", "--max_grad_norm", "0.05", "--freeze", "encoder",
+    "--lora_rank", "2", "--label_smoothing_factor", "0.1", "--learning_rate", "5e-2",
+    "--seed", "3",
+]  # fmt: skip
+
+
+def test_bench_times_the_step_train_runs_with_the_same_flags(tmp_path):
+    """Accumulation, clipping, freezing, LoRA and label smoothing change the step; bench takes
+    them as `train` does, and the step it times gives the losses that train's config gives on
+    bench's model and batch (and other losses without them)."""
+    bench_flags = ["--preset", "tiny", "--what", "train", "--per_device_batch_size", "2"]
+    bench_flags += ["--steps", "2", "--warmup", "0", *STEP_FLAGS]
+    assert cli(["bench", *bench_flags, "--output_dir", str(tmp_path)]) == 0
+    (result,) = json.loads((tmp_path / "bench.json").read_text())
+    assert result["global_batch"] == 2 * jax.device_count() * 2  # 2 micro-batches
+    step = result["train_step"]
+    assert (step["gradient_accumulation_steps"], step["max_grad_norm"]) == (2, 0.05)
+    assert (step["freeze"], step["lora"], step["label_smoothing_factor"]) == (
+        ["encoder"],
+        True,
+        0.1,
+    )
+
+    parser = argparse.ArgumentParser()
+    bench.build_parser(parser)
+    a = bench.args_from_namespace(parser.parse_args(bench_flags))
+    flags = ["--model_name_or_path", str(TINY), "--output_dir", str(tmp_path / "run")]
+    as_train = train_args.parse([*flags, "--do_train", *STEP_FLAGS])
+    derived = dict(total_steps=10**6, lora=True, new_params=())
+
+    def losses(config: TrainConfig) -> list[float]:
+        model = bench.build_model(a, None)  # the preset's weights, LoRA added, from the seed
+        size = a.per_device_batch_size * jax.device_count() * 2
+        batch = bench.train_batch(model.config, size, a.target_length, 1, a.seed)
+        trainer = Trainer(model, config)
+        return [float(trainer.train_step(batch)["loss"]) for _ in range(3)]
+
+    np.testing.assert_allclose(
+        result["losses"], losses(TrainConfig.of(as_train, **derived)), rtol=1e-5
+    )
+    plain = dataclasses.replace(TrainConfig.of(as_train, **derived), label_smoothing_factor=0.0)
+    assert not np.allclose(result["losses"], losses(plain), rtol=1e-3)

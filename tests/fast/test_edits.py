@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import re
 
 import jax.numpy as jnp
 import numpy as np
@@ -126,10 +128,49 @@ def test_hf_save_refuses_and_nnx_layout_round_trips(tiny_dir, golden, gated_cls,
     ):
         np.testing.assert_array_equal(np.asarray(a[...]), np.asarray(b[...]), err_msg=str(path))
     np.testing.assert_array_equal(logits_of(back, golden), logits_of(model, golden))
-    # Loaded as the stock model, the file names the class it was saved from.
-    with pytest.raises(nc.CheckpointError, match=f"saved from {GATED}"):
+    # Loaded as the stock model, the file names the class it was saved from, by the file's
+    # absolute path: a spec that works from any folder.
+    spec = f"{os.path.abspath(GATED.split(':')[0])}:GatedCaptioner"
+    with pytest.raises(nc.CheckpointError, match=f"saved from {re.escape(spec)}"):
         nc.from_pretrained(tmp_path / "nnx")
-    assert class_spec(gated_cls) == GATED
+    assert class_spec(gated_cls) == spec
+
+
+EDIT_FILE = """
+import jax.numpy as jnp
+from flax import nnx
+import nnx_caption as nc
+
+class AdapterCaptioner(nc.VisionEncoderDecoder):
+    def __init__(self, config, *, dtype=None, param_dtype=jnp.float32, rngs):
+        super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.image_gain = nnx.Param(jnp.full((), 1.5, param_dtype))
+
+    def encode(self, pixel_values, rngs=None):
+        return super().encode(pixel_values, rngs) * self.image_gain[...]
+"""
+
+
+def test_an_nnx_checkpoint_of_an_edit_loads_from_another_folder(
+    tiny_dir, golden, tmp_path, monkeypatch
+):
+    """A researcher's edit in their folder, named relatively there, saved in NNX layout: from
+    another folder the checkpoint says which --model_class to pass, and that spec loads it."""
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    work.mkdir(), elsewhere.mkdir()
+    (work / "encoder_adapter.py").write_text(EDIT_FILE)
+    monkeypatch.chdir(work)
+    cls = load_class("encoder_adapter.py:AdapterCaptioner")
+    model = nc.from_pretrained(tiny_dir, model_cls=cls, new_params=(r"image_gain",))
+    nc.save_pretrained(model, tmp_path / "saved", layout="nnx")
+    monkeypatch.chdir(elsewhere)
+    with pytest.raises(nc.CheckpointError, match=r"saved from (\S+): pass") as refused:
+        nc.from_pretrained(tmp_path / "saved")
+    spec = re.search(r"saved from (\S+): pass", str(refused.value)).group(1)
+    assert spec == f"{work / 'encoder_adapter.py'}:AdapterCaptioner"
+    back = nc.from_pretrained(tmp_path / "saved", model_cls=load_class(spec))
+    assert float(back.image_gain[...]) == 1.5
+    np.testing.assert_array_equal(logits_of(back, golden), logits_of(model, golden))
 
 
 def test_roles_come_from_metadata(tiny_dir, gated_cls):
@@ -199,6 +240,33 @@ def test_scan_over_edited_blocks_equals_unrolled(tiny_dir, golden, gated_cls):
     out = nc.generate(scanned, jnp.asarray(golden["pixel_values"]), max_length=12)
     ref = nc.generate(unrolled, jnp.asarray(golden["pixel_values"]), max_length=12)
     np.testing.assert_array_equal(out.sequences, ref.sequences)
+
+
+@pytest.mark.parametrize(
+    "execution",
+    [Execution(), Execution(scan=True), Execution(remat=True), Execution(scan=True, remat=True)],
+    ids=["unrolled", "scan", "remat", "scan+remat"],
+)
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_an_edited_block_keeps_its_cross_attention_maps(
+    tiny_dir, golden, gated_cls, execution, num_beams
+):
+    """GatedBlock overrides __call__ and knows nothing of maps: they come from what its `cross`
+    module records, so while the gates are closed they equal the stock model's, however the
+    blocks run (scan and remat would lose or refuse a value sown inside them)."""
+    kw = dict(execution=execution)
+    edited = nc.from_pretrained(tiny_dir, model_cls=gated_cls, new_params=GATES, **kw)
+    stock = nc.from_pretrained(tiny_dir, **kw)
+    pixels = jnp.asarray(golden["pixel_values"])
+    search = dict(max_length=8, num_beams=num_beams, output_cross_attentions=True)
+    ref = nc.generate(stock, pixels, **search)
+    out = nc.generate(edited, pixels, **search)
+    np.testing.assert_array_equal(out.sequences, ref.sequences)
+    layers, heads = stock.config.decoder.n_layer, stock.config.decoder.n_head
+    assert ref.cross_attentions.shape[2:4] == (layers, heads)
+    np.testing.assert_allclose(out.cross_attentions, ref.cross_attentions, atol=1e-6, rtol=0)
+    # The edit's own cross-attention records too, but the maps are the `cross` module's.
+    assert not np.allclose(out.cross_attentions, 0)
 
 
 @pytest.mark.parametrize(

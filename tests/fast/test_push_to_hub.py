@@ -14,7 +14,8 @@ import pytest
 from huggingface_hub.utils import filter_repo_objects
 
 from nnx_caption.errors import RunError
-from nnx_caption.loop import TrainArgs, push_to_hub
+from nnx_caption.publish import push_to_hub
+from nnx_caption.train_args import TrainArgs
 
 TOKEN = "hf_secret_token_for_the_test"
 PUBLISHED = {

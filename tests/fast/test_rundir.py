@@ -12,7 +12,7 @@ import time
 import pytest
 
 from nnx_caption import rundir
-from nnx_caption.flags import UsageError
+from nnx_caption.errors import UsageError
 from nnx_caption.rundir import DirectoryBusy, RunLock
 
 

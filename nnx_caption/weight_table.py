@@ -1,0 +1,183 @@
+"""The weight table: every Hugging Face tensor name of a VisionEncoderDecoderModel (ViT +
+GPT-2) against the NNX parameter path that holds it, with the transform between their layouts.
+`{i}` stands for a layer index. The same table drives loading (HF -> NNX) and saving (NNX ->
+HF); a parameter the table does not name is an error on load unless it is declared new
+(`new_params`), and has no HF name on save (the NNX layout holds any model).
+
+To declare a new parameter in HF's layout, add its row to TABLE; to keep it out of HF's
+layout, declare it with `new_params` and save with layout="nnx".
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from nnx_caption.config import CaptionConfig
+
+
+@dataclass(frozen=True)
+class Transform:
+    """How a tensor's HF layout relates to its NNX one, in both directions."""
+
+    hf_shape: Callable[[tuple[int, ...]], tuple[int, ...]]  # NNX shape -> HF shape
+    to_nnx: Callable[[np.ndarray, tuple[int, ...]], np.ndarray]  # (HF array, NNX shape)
+    to_hf: Callable[[np.ndarray], np.ndarray]
+
+
+def _split(shape: tuple[int, ...], n_in: int) -> tuple[int, int]:
+    return math.prod(shape[:n_in]), math.prod(shape[n_in:])
+
+
+def conv1d(n_in: int) -> Transform:
+    """GPT-2 Conv1D weights are stored (in, out), as our kernels: only the head dims reshape."""
+    return Transform(
+        lambda s: _split(s, n_in),
+        lambda x, s: x.reshape(s),
+        lambda x: x.reshape(_split(x.shape, n_in)),
+    )
+
+
+def linear(n_in: int) -> Transform:
+    """nn.Linear weights are stored (out, in): transpose."""
+    return Transform(
+        lambda s: _split(s, n_in)[::-1],
+        lambda x, s: x.T.reshape(s),
+        lambda x: x.reshape(_split(x.shape, n_in)).T,
+    )
+
+
+def leading_ones(k: int) -> Transform:
+    """HF keeps broadcast dims, e.g. cls_token (1, 1, E) for our (E,); k = 0 is the identity."""
+    return Transform(
+        lambda s: (1,) * k + s, lambda x, s: x.reshape(s), lambda x: x.reshape((1,) * k + x.shape)
+    )
+
+
+IDENTITY = leading_ones(0)
+FLAT = Transform(lambda s: (math.prod(s),), lambda x, s: x.reshape(s), lambda x: x.reshape(-1))
+CONV2D = Transform(
+    lambda s: (s[3], s[2], s[0], s[1]),
+    lambda x, s: x.transpose(2, 3, 1, 0),
+    lambda x: x.transpose(3, 2, 0, 1),
+)  # OIHW <-> HWIO
+
+_VIT = "encoder.encoder.layer.{i}."
+_GPT = "decoder.transformer.h.{i}."
+# (HF name, NNX path, transform). Biases of multi-head projections are FLAT.
+TABLE: list[tuple[str, str, Transform]] = [
+    ("encoder.embeddings.cls_token", "encoder.embeddings.cls", leading_ones(2)),
+    ("encoder.embeddings.position_embeddings", "encoder.embeddings.positions", leading_ones(1)),
+    (
+        "encoder.embeddings.patch_embeddings.projection.weight",
+        "encoder.embeddings.patch.kernel",
+        CONV2D,
+    ),
+    (
+        "encoder.embeddings.patch_embeddings.projection.bias",
+        "encoder.embeddings.patch.bias",
+        IDENTITY,
+    ),
+    (_VIT + "layernorm_before.weight", "encoder.blocks.{i}.ln_1.scale", IDENTITY),
+    (_VIT + "layernorm_before.bias", "encoder.blocks.{i}.ln_1.bias", IDENTITY),
+    (_VIT + "attention.attention.query.weight", "encoder.blocks.{i}.attn.q.kernel", linear(1)),
+    (_VIT + "attention.attention.query.bias", "encoder.blocks.{i}.attn.q.bias", FLAT),
+    (_VIT + "attention.attention.key.weight", "encoder.blocks.{i}.attn.k.kernel", linear(1)),
+    (_VIT + "attention.attention.key.bias", "encoder.blocks.{i}.attn.k.bias", FLAT),
+    (_VIT + "attention.attention.value.weight", "encoder.blocks.{i}.attn.v.kernel", linear(1)),
+    (_VIT + "attention.attention.value.bias", "encoder.blocks.{i}.attn.v.bias", FLAT),
+    (_VIT + "attention.output.dense.weight", "encoder.blocks.{i}.attn.o.kernel", linear(2)),
+    (_VIT + "attention.output.dense.bias", "encoder.blocks.{i}.attn.o.bias", IDENTITY),
+    (_VIT + "layernorm_after.weight", "encoder.blocks.{i}.ln_2.scale", IDENTITY),
+    (_VIT + "layernorm_after.bias", "encoder.blocks.{i}.ln_2.bias", IDENTITY),
+    (_VIT + "intermediate.dense.weight", "encoder.blocks.{i}.mlp.fc.kernel", linear(1)),
+    (_VIT + "intermediate.dense.bias", "encoder.blocks.{i}.mlp.fc.bias", IDENTITY),
+    (_VIT + "output.dense.weight", "encoder.blocks.{i}.mlp.proj.kernel", linear(1)),
+    (_VIT + "output.dense.bias", "encoder.blocks.{i}.mlp.proj.bias", IDENTITY),
+    ("encoder.layernorm.weight", "encoder.ln_f.scale", IDENTITY),
+    ("encoder.layernorm.bias", "encoder.ln_f.bias", IDENTITY),
+    ("enc_to_dec_proj.weight", "enc_to_dec_proj.kernel", linear(1)),
+    ("enc_to_dec_proj.bias", "enc_to_dec_proj.bias", IDENTITY),
+    ("decoder.transformer.wte.weight", "decoder.wte", IDENTITY),
+    ("decoder.transformer.wpe.weight", "decoder.wpe", IDENTITY),
+    (_GPT + "ln_1.weight", "decoder.blocks.{i}.ln_1.scale", IDENTITY),
+    (_GPT + "ln_1.bias", "decoder.blocks.{i}.ln_1.bias", IDENTITY),
+    (_GPT + "attn.c_attn.weight", "decoder.blocks.{i}.attn.qkv.kernel", conv1d(1)),
+    (_GPT + "attn.c_attn.bias", "decoder.blocks.{i}.attn.qkv.bias", FLAT),
+    (_GPT + "attn.c_proj.weight", "decoder.blocks.{i}.attn.o.kernel", conv1d(2)),
+    (_GPT + "attn.c_proj.bias", "decoder.blocks.{i}.attn.o.bias", IDENTITY),
+    (_GPT + "ln_cross_attn.weight", "decoder.blocks.{i}.ln_cross.scale", IDENTITY),
+    (_GPT + "ln_cross_attn.bias", "decoder.blocks.{i}.ln_cross.bias", IDENTITY),
+    (_GPT + "crossattention.q_attn.weight", "decoder.blocks.{i}.cross.q.kernel", conv1d(1)),
+    (_GPT + "crossattention.q_attn.bias", "decoder.blocks.{i}.cross.q.bias", FLAT),
+    (_GPT + "crossattention.c_attn.weight", "decoder.blocks.{i}.cross.kv.kernel", conv1d(1)),
+    (_GPT + "crossattention.c_attn.bias", "decoder.blocks.{i}.cross.kv.bias", FLAT),
+    (_GPT + "crossattention.c_proj.weight", "decoder.blocks.{i}.cross.o.kernel", conv1d(2)),
+    (_GPT + "crossattention.c_proj.bias", "decoder.blocks.{i}.cross.o.bias", IDENTITY),
+    (_GPT + "ln_2.weight", "decoder.blocks.{i}.ln_2.scale", IDENTITY),
+    (_GPT + "ln_2.bias", "decoder.blocks.{i}.ln_2.bias", IDENTITY),
+    (_GPT + "mlp.c_fc.weight", "decoder.blocks.{i}.mlp.fc.kernel", conv1d(1)),
+    (_GPT + "mlp.c_fc.bias", "decoder.blocks.{i}.mlp.fc.bias", IDENTITY),
+    (_GPT + "mlp.c_proj.weight", "decoder.blocks.{i}.mlp.proj.kernel", conv1d(1)),
+    (_GPT + "mlp.c_proj.bias", "decoder.blocks.{i}.mlp.proj.bias", IDENTITY),
+    ("decoder.transformer.ln_f.weight", "decoder.ln_f.scale", IDENTITY),
+    ("decoder.transformer.ln_f.bias", "decoder.ln_f.bias", IDENTITY),
+    ("decoder.lm_head.weight", "decoder.lm_head.kernel", linear(1)),  # untied heads only
+]
+# Tied heads: lm_head *is* wte, so a checkpoint that stores only lm_head still loads.
+TIED_HEAD = ("decoder.lm_head.weight", "decoder.wte", IDENTITY)
+
+# Legacy buffers (causal-mask constants of old GPT-2 exports) and the unused ViT pooler.
+IGNORED = re.compile(
+    r"decoder\.transformer\.h\.\d+\.(attn|crossattention)\.(bias|masked_bias)"
+    r"|encoder\.pooler\..*"
+)
+
+
+def _compile(template: str) -> re.Pattern:
+    return re.compile(re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)") + "$")
+
+
+class WeightMap:
+    """The table, compiled for one config (tied or untied head), in both directions."""
+
+    def __init__(self, config: CaptionConfig):
+        rows = [r for r in TABLE if r[0] != TIED_HEAD[0]]
+        rows.append(TIED_HEAD if config.decoder.tie_word_embeddings else TABLE[-1])
+        self.rows = [(_compile(hf), _compile(nnx_), hf, nnx_, t) for hf, nnx_, t in rows]
+
+    def to_nnx(self, hf_name: str) -> tuple[str, Transform] | None:
+        for hf_re, _, _, nnx_tpl, transform in self.rows:
+            if m := hf_re.match(hf_name):
+                return nnx_tpl.replace("{i}", m.groupdict().get("i") or ""), transform
+        return None
+
+    def has_hf_name(self, nnx_path: str) -> bool:
+        return any(nnx_re.match(nnx_path) for _, nnx_re, _, _, _ in self.rows)
+
+    def to_hf(self, nnx_path: str) -> tuple[str, Transform]:
+        for _, nnx_re, hf_tpl, _, transform in self.rows:
+            if m := nnx_re.match(nnx_path):
+                return hf_tpl.replace("{i}", m.groupdict().get("i") or ""), transform
+        raise KeyError(f"no Hugging Face name for NNX parameter {nnx_path!r}")
+
+
+# Composing: a single model's checkpoint keys as the captioner names them.
+
+
+def encoder_name(key: str) -> str | None:
+    """A ViTModel / ViTForImageClassification key -> its VisionEncoderDecoder name; the pooler
+    and the classifier are not part of the captioner."""
+    key = key.removeprefix("vit.")
+    return None if key.startswith(("pooler.", "classifier.")) else "encoder." + key
+
+
+def decoder_name(key: str) -> str:
+    """A GPT2LMHeadModel / GPT2Model key (the original gpt2 repo has no prefix) -> its name."""
+    if key == "lm_head.weight":
+        return "decoder.lm_head.weight"
+    return "decoder.transformer." + key.removeprefix("transformer.")
