@@ -314,6 +314,7 @@ def run(a: BenchArgs, command: str = "") -> list[dict]:
         scan_layers=a.scan_layers,
         gradient_checkpointing=a.gradient_checkpointing,
         remat_policy=a.remat_policy,
+        attention_impl=a.attention_impl,
         train_step={
             k: v
             for k, v in dataclasses.asdict(train_config(a)).items()

@@ -20,7 +20,7 @@ from jax.sharding import Mesh
 from nnx_caption.edits import model_class
 from nnx_caption.errors import UsageError
 from nnx_caption.hub import resolve
-from nnx_caption.layers import Execution
+from nnx_caption.layers import ATTENTION_KERNELS, Execution, cudnn_unusable
 from nnx_caption.loading import from_pretrained
 from nnx_caption.lora import add_lora
 from nnx_caption.model import VisionEncoderDecoder
@@ -126,6 +126,14 @@ class ModelArgs:
         "e.g. dots_with_no_batch_dims_saveable (default: nothing)",
         _remat_policy,
     )
+    attention_impl: str = flag(
+        "einsum",
+        "the attention kernel: einsum (ours), xla or cudnn (jax.nn.dot_product_attention's; "
+        "cudnn is flash attention on NVIDIA GPUs, with --dtype bfloat16 or float16), auto "
+        "(cudnn where it can run, else einsum); cases a fused kernel cannot express run on "
+        "einsum, said once",
+        one_of(*ATTENTION_KERNELS),
+    )
     mesh_data: int = flag(
         -1,
         "data-parallel mesh axis size (-1: what the other axes leave)",
@@ -137,9 +145,15 @@ class ModelArgs:
     def check(self) -> None:
         """A UsageError naming the flag that cannot work."""
         check_flags(self)
+        if self.attention_impl == "cudnn":  # the head_dim is checked where the model runs
+            why = cudnn_unusable(self.compute_dtype() or jnp.float32, head_dim=64)
+            if why and "head_dim" not in why:
+                raise UsageError(f"--attention_impl cudnn: {why}; choose einsum, xla or auto")
 
     def execution(self) -> Execution:
-        return Execution(self.scan_layers, self.gradient_checkpointing, self.remat_policy)
+        return Execution(
+            self.scan_layers, self.gradient_checkpointing, self.remat_policy, self.attention_impl
+        )
 
     def compute_dtype(self) -> jnp.dtype | None:
         """None for float32 (the parameters' own dtype), else the jnp dtype."""
@@ -188,7 +202,7 @@ class ModelArgs:
 
 # What `predict` and `convert` / `export` take of ModelArgs (their checkpoint is an argument).
 SOURCE_FLAGS = ("revision", "cache_dir", "model_class")
-PREDICT_FLAGS = (*SOURCE_FLAGS, "dtype", "scan_layers")
+PREDICT_FLAGS = (*SOURCE_FLAGS, "dtype", "scan_layers", "attention_impl")
 
 
 @dataclasses.dataclass(frozen=True)

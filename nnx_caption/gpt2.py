@@ -22,10 +22,12 @@ from nnx_caption.layers import (
     Dense,
     Execution,
     LayerNorm,
+    Mask,
     attention,
     contract,
     dropout,
     heads_first,
+    recording,
     run_blocks,
 )
 from nnx_caption.sharding import constrain
@@ -74,7 +76,7 @@ class SelfAttention(nnx.Module):
         self,
         x: jax.Array,
         layer: jax.Array | int,
-        mask: jax.Array,
+        mask: Mask,
         rngs: nnx.Rngs | None,
         cache: KV | None = None,
         start: jax.Array | int = 0,
@@ -124,13 +126,14 @@ class CrossAttention(nnx.Module):
         """x (N, T, E), N a multiple of the B images in kv: the rows of an image (beams,
         captions) are adjacent and share its one K/V instead of a copy each. Cross-attention has
         no mask, so the rows of an image fold into its query axis and the result is exact.
-        Returns (N, T, E). The weights (N, T, H, S) float32 are sown as "weights"
-        (nnx.Intermediate): the blocks' runner captures them, and keeps them when asked
-        (GPT2.cross_attention_weights), whatever block holds this module as `cross`."""
+        Returns (N, T, E). When the blocks' runner records (GPT2.cross_attention_weights), the
+        weights (N, T, H, S) float32 are sown as "weights" (nnx.Intermediate), whatever block
+        holds this module as `cross`."""
         n, t = x.shape[:2]
         images, heads, _, head_dim = kv[0].shape
         q = self.q(x).reshape(images, -1, heads, head_dim)  # (B, N / B * T, H, D)
-        out, weights = attention(
+        keep = recording()  # the blocks' runner keeps what is sown: the maps are wanted
+        out = attention(
             q,
             kv[0],
             kv[1],
@@ -139,10 +142,12 @@ class CrossAttention(nnx.Module):
             upcast=self.upcast,
             dropout_rate=self.dropout_rate,
             rngs=rngs,
-            return_weights=True,
-        )  # (B, N / B * T, H, D), (B, H, N / B * T, S)
-        weights = weights.transpose(0, 2, 1, 3).reshape(n, t, heads, -1)  # (N, T, H, S)
-        self.sow(nnx.Intermediate, "weights", weights)
+            return_weights=keep,
+        )  # (B, N / B * T, H, D), and with `keep` the weights (B, H, N / B * T, S)
+        if keep:
+            out, weights = out
+            weights = weights.transpose(0, 2, 1, 3).reshape(n, t, heads, -1)  # (N, T, H, S)
+            self.sow(nnx.Intermediate, "weights", weights)
         return self.o(out.reshape(n, t, *out.shape[2:]))  # (N, T, E)
 
 
@@ -300,10 +305,7 @@ class GPT2(nnx.Module):
         x = jnp.take(wte, ids, axis=0) + jnp.take(self.wpe[...], positions, axis=0)  # (N, T, E)
         x = dropout(x.astype(self.compute_dtype), self.cfg.embd_pdrop, rngs)
         x = constrain(x, ("batch", "seq", "act_embed"))
-        keys = t if cache is None else cache[0][0].shape[2]
-        attend = (jnp.arange(keys)[None, :] <= positions[:, None])[None, None]  # (1, 1, T, S)
-        if mask is not None:
-            attend = attend & mask.astype(bool)[:, None, None, :]
+        attend = Mask(causal=True, start=start, keys=mask)  # mask (N, S): the real tokens
         if cross_kv is None:
             image = image.astype(self.compute_dtype)
         n = len(self.blocks)

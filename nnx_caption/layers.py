@@ -19,7 +19,10 @@ reshuffling.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
+import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -27,11 +30,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from nnx_caption.sharding import Axes, constrain
 
 Shape = int | Sequence[int]
+logger = logging.getLogger("nnx_caption")
 
 
 def _gelu_tanh(x: jax.Array) -> jax.Array:
@@ -186,21 +191,58 @@ def dropout(x: jax.Array, rate: float, rngs: nnx.Rngs | None) -> jax.Array:
     return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
 
 
+@dataclass(frozen=True)
+class Mask:
+    """Which keys each query may attend to, kept in the terms fused attention kernels take (a
+    causal flag, key padding) rather than as a dense array; `dense` makes the array."""
+
+    causal: bool = False  # query t attends to the keys at positions <= start + t
+    start: jax.Array | int = 0  # the first query's position (a cache's write position)
+    keys: jax.Array | None = None  # (N, S): 1 for real keys, 0 for padding; None: all real
+
+    def dense(self, t: int, s: int) -> jax.Array | None:
+        """(N or 1, 1, T, S) bool: True where query t may attend to key s; None: everywhere."""
+        allowed = None
+        if self.causal:
+            positions = self.start + jnp.arange(t)
+            allowed = (jnp.arange(s)[None, :] <= positions[:, None])[None, None]
+        if self.keys is not None:
+            real = self.keys.astype(bool)[:, None, None, :]
+            allowed = real if allowed is None else allowed & real
+        return allowed
+
+
 def attention(
     q: jax.Array,
     k: jax.Array,
     v: jax.Array,
-    mask: jax.Array | None,
-    scale: float,
+    mask: Mask | jax.Array | None,
+    scale: float | jax.Array,
     *,
     upcast: bool = False,
     dropout_rate: float = 0.0,
     rngs: nnx.Rngs | None = None,
     return_weights: bool = False,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
-    """Softmax attention. q (B,T,H,D); k, v heads-first (B,H,S,D); mask bool broadcasting to
-    (B,H,T,S); scale a float or a traced scalar. Returns (B,T,H,D), and with `return_weights`
-    the attention weights (B,H,T,S) float32 too (before dropout).
+    """Softmax attention. q (B,T,H,D); k, v heads-first (B,H,S,D); mask a Mask, or a dense
+    bool array broadcasting to (B,H,T,S) (None: every query sees every key); scale a float or
+    a traced scalar. Returns (B,T,H,D), and with
+    `return_weights` the attention weights (B,H,T,S) float32 too (before dropout).
+
+    It runs on the kernel the blocks run with (Execution.attention, set by run_blocks): ours,
+    or one of jax.nn.dot_product_attention's where the case can be expressed there; a case
+    that cannot (attention_cases) runs on ours, said once.
+    """
+    kernel = _fused_kernel(q, k, mask, scale, upcast, dropout_rate, rngs, return_weights)
+    if kernel is not None:
+        return _fused_attention(q, k, v, mask, scale, kernel)
+    dense = mask.dense(q.shape[1], k.shape[2]) if isinstance(mask, Mask) else mask
+    return _einsum_attention(q, k, v, dense, scale, upcast, dropout_rate, rngs, return_weights)
+
+
+def _einsum_attention(q, k, v, mask, scale, upcast=False, dropout_rate=0.0, rngs=None,
+                      return_weights=False):  # fmt: skip
+    """Ours: mask a dense bool array broadcasting to (B,H,T,S), or None.
 
     Keys and values come heads-first because that is the layout the batched matmuls read:
     decoding keeps its caches in it, so no step transposes them again. Scores and softmax run
@@ -223,6 +265,113 @@ def attention(
     return (out, weights) if return_weights else out
 
 
+def _fused_attention(q, k, v, mask: Mask | None, scale: float, kernel: str) -> jax.Array:
+    """jax.nn.dot_product_attention: the causal mask as `is_causal`, key padding as
+    `key_value_seq_lengths` (query_seq_lengths would zero the padded queries' rows)."""
+    lengths = real = None
+    if mask is not None and mask.keys is not None:
+        real = mask.keys.astype(bool)  # (N, S)
+        lengths = real.sum(-1, dtype=jnp.int32)
+    out = jax.nn.dot_product_attention(
+        q,
+        heads_first(k),  # the kernel takes (B, S, H, D) keys and values, as queries
+        heads_first(v),
+        scale=float(scale),
+        is_causal=mask is not None and mask.causal,
+        key_value_seq_lengths=lengths,
+        implementation=kernel,
+    )  # (B, T, H, D)
+    if lengths is None:
+        return out
+    # Lengths say "the first n keys are real"; a pad inside a sequence (left padding) they
+    # cannot say: such a batch runs on ours, checked at run time.
+    _say_once(kernel, "a batch with pad tokens inside a sequence (checked for each batch)")
+    right_padded = jnp.all(real == (jnp.arange(real.shape[-1]) < lengths[:, None]))
+    dense = mask.dense(q.shape[1], k.shape[2])
+    return jax.lax.cond(
+        right_padded,
+        lambda: out,
+        lambda: _einsum_attention(q, k, v, dense, scale).astype(out.dtype),
+    )
+
+
+# The kernels Execution.attention names; what run_blocks runs its blocks with (and whether it
+# records what they sow), for the attention calls inside them.
+ATTENTION_KERNELS = ("einsum", "xla", "cudnn", "auto")
+_RUNNING: contextvars.ContextVar[tuple[str, bool]] = contextvars.ContextVar(
+    "nnx_caption blocks", default=("einsum", False)
+)
+_SAID: set[tuple[str, str]] = set()
+
+
+@contextlib.contextmanager
+def _running(kernel: str, record: bool):
+    token = _RUNNING.set((kernel, record))
+    try:
+        yield
+    finally:
+        _RUNNING.reset(token)
+
+
+def recording() -> bool:
+    """Whether the blocks running now keep what their modules sow (run_blocks' `record`)."""
+    return _RUNNING.get()[1]
+
+
+def _say_once(kernel: str, case: str) -> None:
+    if (kernel, case) not in _SAID:
+        _SAID.add((kernel, case))
+        logger.info("attention %r: %s runs on einsum", kernel, case)
+
+
+def cudnn_unusable(dtype: jnp.dtype, head_dim: int) -> str | None:
+    """Why cuDNN flash attention cannot run here on (dtype, head_dim) inputs; None if it can."""
+    device = jax.devices()[0]
+    if device.platform != "gpu":
+        return f"it needs an NVIDIA GPU, and jax runs on {device.platform} here"
+    if jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+        return f"it takes bfloat16 or float16 inputs, not {jnp.dtype(dtype).name}"
+    capability = float(getattr(device, "compute_capability", "0") or 0)
+    limit = 256 if capability >= 9.0 else 128
+    if head_dim % 8 or head_dim > limit:
+        return f"head_dim {head_dim}: it needs a multiple of 8 up to {limit} on this GPU"
+    return None
+
+
+def _fused_kernel(q, k, mask, scale, upcast, dropout_rate, rngs, return_weights) -> str | None:
+    """The jax.nn.dot_product_attention implementation this call runs on ("xla", "cudnn"), or
+    None for ours: what Execution.attention asks, where the call's case can be expressed."""
+    asked = _RUNNING.get()[0]
+    if asked == "einsum":
+        return None
+    kernel = asked
+    if asked in ("cudnn", "auto"):
+        why = cudnn_unusable(q.dtype, q.shape[-1])
+        if why and asked == "cudnn":
+            raise ValueError(f"attention 'cudnn' cannot run: {why}")
+        kernel = None if why else "cudnn"
+    if kernel is None:
+        return None
+    cases = (
+        (mask is not None and not isinstance(mask, Mask), "a dense mask array"),
+        (
+            isinstance(mask, Mask)
+            and mask.causal
+            and not (isinstance(mask.start, int) and mask.start == 0 and q.shape[1] == k.shape[2]),
+            "a decoding step with a cache (a fused kernel's causal mask is top-left)",
+        ),
+        (dropout_rate > 0 and rngs is not None, "attention dropout in training"),
+        (not isinstance(scale, (int, float, np.floating)), "a per-layer scale under scan"),
+        (upcast, "reorder_and_upcast_attn"),
+        (return_weights, "attention weights (cross-attention maps)"),
+    )
+    for applies, case in cases:
+        if applies:
+            _say_once(asked, case)
+            return None
+    return kernel
+
+
 def heads_first(x: jax.Array) -> jax.Array:
     """(B, S, H, D) <-> (B, H, S, D): the key / value layout `attention` takes."""
     return x.transpose(0, 2, 1, 3)
@@ -230,7 +379,8 @@ def heads_first(x: jax.Array) -> jax.Array:
 
 @dataclass(frozen=True)
 class Execution:
-    """How a stack of blocks runs; it changes what is stored and compiled, never the result.
+    """How a stack of blocks runs; it changes what is stored, compiled and rounded, never the
+    math.
 
     scan: one `lax.scan` over the blocks' stacked parameters, so the block is traced and
         compiled once whatever the depth (the blocks must be identical in structure).
@@ -238,13 +388,25 @@ class Execution:
         the forward pass (less memory, about a third more compute).
     remat_policy: with remat, the name of a `jax.checkpoint_policies` entry saying what is kept
         after all (e.g. "dots_with_no_batch_dims_saveable"); None keeps nothing.
+    attention: the softmax attention kernel: "einsum" (ours), "xla" or "cudnn"
+        (jax.nn.dot_product_attention's implementations; cudnn is flash attention on NVIDIA
+        GPUs, an error where it cannot run), "auto" (cudnn where it can run, else einsum).
+        A fused kernel changes rounding, never the math: the cases it cannot express (a
+        decoding step with a cache, attention dropout in training, a per-layer scale under
+        scan, reorder_and_upcast_attn, pads inside a sequence, cross-attention maps) run on
+        einsum, said once.
     """
 
     scan: bool = False
     remat: bool = False
     remat_policy: str | None = None
+    attention: str = "einsum"
 
     def __post_init__(self):
+        if self.attention not in ATTENTION_KERNELS:
+            raise ValueError(
+                f"attention {self.attention!r} is not one of {', '.join(ATTENTION_KERNELS)}"
+            )
         if self.remat_policy is not None and not hasattr(
             jax.checkpoint_policies, self.remat_policy
         ):
@@ -274,8 +436,19 @@ def run_blocks(
     What the blocks' modules record (`Module.sow(nnx.Intermediate, ...)`) is captured around
     each block, whatever it is: with `record`, returned per layer (an nnx.State by module
     path), carried out of the scan and the remat as outputs (a sown value would be lost under
-    scan and refused under jax.checkpoint); without, dropped inside, where XLA drops its work.
+    scan and refused under jax.checkpoint); without, dropped inside, where XLA drops its work
+    (a module can ask `recording()` whether its values are wanted at all). The attention calls
+    in the blocks run on execution.attention's kernel; on einsum while recording, since the
+    maps are its weights.
     """
+    kernel = "einsum" if record else execution.attention  # the maps are einsum's weights
+    if record and execution.attention != "einsum":
+        _say_once(execution.attention, "recording cross-attention maps")
+    with _running(kernel, record):
+        return _run_blocks(blocks, layer, x, rngs, execution, per_layer, record)
+
+
+def _run_blocks(blocks, layer, x, rngs, execution, per_layer, record):
     n = len(blocks)
     keys = None if rngs is None else jax.random.split(rngs.dropout(), n)
     per_layer = [None] * n if per_layer is None else list(per_layer)

@@ -194,6 +194,8 @@ def predict(
     workers: int | None = None,
     progress: bool = True,
     model_class: str | type | None = None,
+    scan_layers: bool = False,
+    attention_impl: str = "einsum",
 ) -> dict[str, Any]:
     """Captions every image in `inputs` with the checkpoint `model_dir` (folder or hub id).
 
@@ -203,18 +205,23 @@ def predict(
     every beam is kept, as `candidates`. With `caption_column`, a table's captions are the
     references its images are scored against (exact match, CIDEr). `attention_maps` puts each
     caption's cross-attention over its image into the gallery. `model_class` is the edited
-    architecture the checkpoint holds (a class, or a --model_class spec); `dtype`, `revision`,
-    `cache_dir` and it mean what the model flags (flags.ModelArgs) of every command mean.
+    architecture the checkpoint holds (a class, or a --model_class spec); it, `dtype`,
+    `revision`, `cache_dir`, `scan_layers` and `attention_impl` mean what the model flags
+    (flags.ModelArgs) of every command mean.
     """
-    how = _checked(model_dir, batch_size, limit, dtype, revision, cache_dir, model_class)
+    how = ModelArgs(
+        model_name_or_path=model_dir,
+        revision=revision,
+        cache_dir=cache_dir,
+        model_class=model_class,
+        dtype=dtype,
+        scan_layers=scan_layers,
+        attention_impl=attention_impl,
+    )
+    _check(how, batch_size, limit)
     paths, references = collect_inputs(inputs, image_column, limit, caption_column)
     multi = jax.process_count() > 1
-    files = {
-        f"{name}_file": os.path.join(output_dir, f"{name}.{suffix}")
-        for name, suffix in (("predictions", "jsonl"), ("skipped", "jsonl"), ("gallery", "html"))
-    }
-    if processes.is_main():
-        os.makedirs(output_dir, exist_ok=True)
+    files = _output_files(output_dir)
 
     start = time.perf_counter()
     search = dict(num_beams=num_beams, max_length=max_length, max_new_tokens=max_new_tokens)
@@ -254,8 +261,18 @@ def predict(
     )
 
 
-def _checked(model_dir, batch_size, limit, dtype, revision, cache_dir, model_class) -> ModelArgs:
-    """The options checked (a UsageError naming a bad one); the model flags they give."""
+def _output_files(output_dir: str) -> dict[str, str]:
+    """The files predict writes ({predictions,skipped,gallery}_file), in a folder made now."""
+    if processes.is_main():
+        os.makedirs(output_dir, exist_ok=True)
+    return {
+        f"{name}_file": os.path.join(output_dir, f"{name}.{suffix}")
+        for name, suffix in (("predictions", "jsonl"), ("skipped", "jsonl"), ("gallery", "html"))
+    }
+
+
+def _check(how: ModelArgs, batch_size: int, limit: int | None) -> None:
+    """A UsageError naming the option that cannot work."""
     for name, value in (("batch_size", batch_size), ("limit", limit)):
         if value is not None and value < 1:
             raise UsageError(f"--{name} must be >= 1, got {value}")
@@ -264,15 +281,7 @@ def _checked(model_dir, batch_size, limit, dtype, revision, cache_dir, model_cla
             f"--batch_size {batch_size}: a run of {jax.process_count()} processes splits each "
             f"batch over its {jax.device_count()} devices; pass a multiple of that"
         )
-    how = ModelArgs(
-        model_name_or_path=model_dir,
-        revision=revision,
-        cache_dir=cache_dir,
-        model_class=model_class,
-        dtype=dtype,
-    )
     how.check()
-    return how
 
 
 def _load_model(

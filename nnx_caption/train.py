@@ -200,7 +200,7 @@ def _train_step(graphdef, state, batch, step, first_bad, cfg: TrainConfig):
         "loss": total / jnp.maximum(count, 1.0),
         "tokens": count,
         "learning_rate": schedule(cfg)(step),
-        "grad_norm": optax.global_norm(grads),
+        "grad_norm": optax.tree.norm(grads),
     }
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
     first_bad = jnp.where((first_bad == 0) & ~finite, step + 1, first_bad)

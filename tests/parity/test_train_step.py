@@ -14,6 +14,7 @@ import nnx_caption as nc
 from nnx_caption.layers import Execution
 from nnx_caption.safetensors_io import SafetensorsReader
 from nnx_caption.train import TrainConfig, Trainer, cross_entropy, decays
+from nnx_caption.weight_table import WeightMap
 
 
 def hf_loss(logits, labels, mask, smoothing):
@@ -129,7 +130,7 @@ def test_adamw_steps_equal_torch(tmp_path, accumulate, per_image):
     ref.save_pretrained(tmp_path / "ref_after")  # saved names are the HF layout's
     with SafetensorsReader(tmp_path / "ref_after" / "model.safetensors") as reader:
         ref_state = {k: reader.read(k) for k in reader.entries}
-    ours = nc.hf.WeightMap(back.config)
+    ours = WeightMap(back.config)
     for path, var in nnx.to_flat_state(nnx.state(back, nnx.Param)):
         name = ".".join(map(str, path))
         hf_name, t = ours.to_hf(name)
