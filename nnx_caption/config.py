@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nnx_caption import files
-from nnx_caption.layers import ACTIVATIONS, Execution
+from nnx_caption.execution import Execution
+from nnx_caption.layers import ACTIVATIONS
 
 
 class ConfigError(ValueError):

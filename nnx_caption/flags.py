@@ -19,8 +19,9 @@ from jax.sharding import Mesh
 
 from nnx_caption.edits import model_class
 from nnx_caption.errors import UsageError
+from nnx_caption.execution import ATTENTION_KERNELS, Execution
 from nnx_caption.hub import resolve
-from nnx_caption.layers import ATTENTION_KERNELS, Execution, cudnn_unusable
+from nnx_caption.layers import cudnn_unusable
 from nnx_caption.loading import from_pretrained
 from nnx_caption.lora import add_lora
 from nnx_caption.model import VisionEncoderDecoder

@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 
 from nnx_caption.config import CaptionConfig
-from nnx_caption.layers import Execution
+from nnx_caption.execution import Execution
 from nnx_caption.train import loss_and_grads
 
 

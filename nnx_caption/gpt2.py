@@ -17,18 +17,16 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nnx_caption.config import GPT2Config
+from nnx_caption.execution import Execution, recording, run_blocks
 from nnx_caption.layers import (
     MLP,
     Dense,
-    Execution,
     LayerNorm,
     Mask,
     attention,
     contract,
     dropout,
     heads_first,
-    recording,
-    run_blocks,
 )
 from nnx_caption.sharding import constrain
 

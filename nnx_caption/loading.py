@@ -18,8 +18,8 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from nnx_caption.config import CaptionConfig, read_config
+from nnx_caption.execution import Execution
 from nnx_caption.hub import NNX_FORMAT, resolve, weight_files
-from nnx_caption.layers import Execution
 from nnx_caption.model import VisionEncoderDecoder
 from nnx_caption.names import listing, path_str
 from nnx_caption.safetensors_io import (

@@ -11,15 +11,14 @@ import numpy as np
 from flax import nnx
 
 from nnx_caption.config import ViTConfig
+from nnx_caption.execution import Execution, run_blocks
 from nnx_caption.layers import (
     MLP,
     Dense,
-    Execution,
     LayerNorm,
     attention,
     dropout,
     heads_first,
-    run_blocks,
 )
 from nnx_caption.sharding import constrain
 

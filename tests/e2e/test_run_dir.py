@@ -108,7 +108,7 @@ def test_a_diverging_resume_keeps_the_finished_run_and_a_lower_rate_resumes(
 
 
 def _flip(checkpoint: Path) -> None:
-    """64 bytes changed at a quarter, half and three quarters of each array data file of the
+    """64 bytes changed at a quarter, half and three quarters of each data file of the
     checkpoint: what a bad disk does. Everywhere, not at one spot: which file holds which
     array varies from run to run, and a file may hold bytes no restore reads (a chunk that was
     written again), where a change is harmless and no check could see it."""
@@ -130,7 +130,10 @@ def test_a_damaged_newest_checkpoint_is_refused_and_the_run_ends_as_if_unharmed(
     (out / "config.json").unlink()  # as if the export had not been written yet
     again = cli(*train_args(setup, out), *KEEP_TWO)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "step_00000024" in again.stderr and "differ from the checksums" in again.stderr
+    # Which of orbax's files hold array data and which its index varies from run to run:
+    # damage shows as arrays that differ from their checksums, or as orbax refusing a file.
+    refusal = r"refused (\d+ of \d+ arrays differ from the checksums|cannot restore it)"
+    assert re.search(refusal, again.stderr) and "step_00000024" in again.stderr, again.stderr
     assert f"resumed from {out / 'checkpoints' / 'step_00000020'}" in again.stderr
     assert (out / "checkpoints" / "refused" / "step_00000024").is_dir()  # kept for a look
     want, got = params(finished), params(out)
