@@ -56,7 +56,7 @@ class Captioner:
             self.search, _ = search_settings(config, **search)
         except ValueError as err:
             raise UsageError(str(err)) from None
-        self.tokenizer = tokenizer
+        self.tokenizer, self.mesh = tokenizer, mesh
         self.beams = self.search.num_beams if all_beams else 1  # rows per image in the output
         self.options = dict(
             search,

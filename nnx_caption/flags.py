@@ -147,8 +147,8 @@ class ModelArgs:
         """A UsageError naming the flag that cannot work."""
         check_flags(self)
         if self.attention_impl == "cudnn":  # the head_dim is checked where the model runs
-            why = cudnn_unusable(self.compute_dtype() or jnp.float32, head_dim=64)
-            if why and "head_dim" not in why:
+            why = cudnn_unusable(self.compute_dtype() or jnp.float32)
+            if why:
                 raise UsageError(f"--attention_impl cudnn: {why}; choose einsum, xla or auto")
 
     def execution(self) -> Execution:

@@ -293,8 +293,9 @@ def _fused_attention(q, k, v, mask: Mask | None, scale: float, kernel: str) -> j
     )
 
 
-def cudnn_unusable(dtype: jnp.dtype, head_dim: int) -> str | None:
-    """Why cuDNN flash attention cannot run here on (dtype, head_dim) inputs; None if it can."""
+def cudnn_unusable(dtype: jnp.dtype, head_dim: int | None = None) -> str | None:
+    """Why cuDNN flash attention cannot run here on (dtype, head_dim) inputs; None if it can.
+    Without a head_dim (a flag's check, before any model is built), the device and dtype."""
     device = jax.devices()[0]
     if device.platform != "gpu":
         return f"it needs an NVIDIA GPU, and jax runs on {device.platform} here"
@@ -302,7 +303,7 @@ def cudnn_unusable(dtype: jnp.dtype, head_dim: int) -> str | None:
         return f"it takes bfloat16 or float16 inputs, not {jnp.dtype(dtype).name}"
     capability = float(getattr(device, "compute_capability", "0") or 0)
     limit = 256 if capability >= 9.0 else 128
-    if head_dim % 8 or head_dim > limit:
+    if head_dim is not None and (head_dim % 8 or head_dim > limit):
         return f"head_dim {head_dim}: it needs a multiple of 8 up to {limit} on this GPU"
     return None
 

@@ -326,7 +326,7 @@ class _Found:
         the same number of rows."""
         blank = np.zeros((processor.height, processor.width, 3), np.float32)
         local = np.stack([x.pixels if x and x.pixels is not None else blank for _, x in mine])
-        mesh = captioner.options["mesh"]
+        mesh = captioner.mesh
         out = captioner.generate(model, local if mesh is None else put_rows(local, mesh))
         rows = [(i, x.error, x.thumbnail) for i, x in mine if x is not None]
         for i, error, thumbnail in sorted(sum(processes.gather_json(rows), [])):
