@@ -30,7 +30,7 @@ format: setup
 # compiling tiny models, one core per compile. TEST_WORKERS=1 runs it in one process.
 TEST_WORKERS ?= 2
 test: lint
-	$(VENV)/bin/pytest tests -q -n $(TEST_WORKERS) --dist loadfile
+	$(VENV)/bin/pytest tests -q -n $(TEST_WORKERS) --dist loadfile --durations=10
 
 test-fast test-parity test-sharding test-e2e: setup
 	$(VENV)/bin/pytest tests/$(subst test-,,$@) -q

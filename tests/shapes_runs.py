@@ -83,9 +83,13 @@ def read_scalars(path: Path) -> dict[str, list[float]]:
     return scalars
 
 
-def cli(*args: str, **kw) -> subprocess.CompletedProcess:
+def cli(*args: str, timeout: float = 900, **kw) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "nnx_caption.cli", *args], text=True, capture_output=True, **kw
+        [sys.executable, "-m", "nnx_caption.cli", *args],
+        text=True,
+        capture_output=True,
+        timeout=timeout,
+        **kw,
     )
 
 

@@ -460,6 +460,7 @@ if __name__ == "__main__":
 
 def test_a_sigkilled_parent_leaves_no_workers_or_shared_memory(tmp_path):
     import os
+    import select
     import signal
     import subprocess
     import sys
@@ -469,10 +470,14 @@ def test_a_sigkilled_parent_leaves_no_workers_or_shared_memory(tmp_path):
     script = tmp_path / "sigkilled.py"  # a file: spawned workers re-import the main module
     script.write_text(SIGKILLED)
     child = subprocess.Popen([sys.executable, str(script), *paths], stdout=subprocess.PIPE)
-    workers, held = (part.split() for part in child.stdout.readline().decode().split("|"))
-    assert len(workers) >= 2 and held and all(os.path.exists(block) for block in held)
-    child.send_signal(signal.SIGKILL)
-    child.wait()
+    try:  # its line within 120 s, or the test fails with the child killed
+        ready, _, _ = select.select([child.stdout], [], [], 120)
+        assert ready, "the child printed nothing in 120 s"
+        workers, held = (part.split() for part in child.stdout.readline().decode().split("|"))
+        assert len(workers) >= 2 and held and all(os.path.exists(block) for block in held)
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
 
     def alive(pid: str) -> bool:
         try:
@@ -579,7 +584,9 @@ def test_workers_leave_no_shared_memory_behind_at_exit(tmp_path):
     paths = [str(tmp_path / n) for n in _images(tmp_path, 4)]
     script = tmp_path / "clean_exit.py"
     script.write_text(CLEAN_EXIT)
-    done = subprocess.run([sys.executable, str(script), *paths], capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, str(script), *paths], capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["0"], "shared memory still mapped after the pipelines ended"
     assert "leaked" not in done.stderr, done.stderr[-2000:]

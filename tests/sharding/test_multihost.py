@@ -9,25 +9,22 @@ from __future__ import annotations
 import csv
 import pathlib
 import signal
-import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 from PIL import Image
+from shapes_runs import free_port
 
 SCRIPT = pathlib.Path(__file__).with_name("multihost_train.py")
 IMAGES = 24  # 3 global batches of 8: one epoch in the 3 steps of the two-process run
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run(*args: str) -> None:
-    done = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=600
+    )
     assert done.returncode == 0, done.stderr[-3000:]
 
 
@@ -46,17 +43,55 @@ def _table(tmp_path: pathlib.Path, images: int, seed: int) -> pathlib.Path:
     return table
 
 
-def _two_processes(mode: str, table: pathlib.Path, out: str) -> list[subprocess.Popen]:
-    port = str(free_port())
-    return [
-        subprocess.Popen(
-            [sys.executable, str(SCRIPT), mode, str(table), out, port, str(i)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(2)
-    ]
+class _TwoProcesses:
+    """multihost_train.py in `mode` as the two processes of a jax.distributed run. Their
+    output goes to files: a pipe that no one reads while its process waits in a collective
+    for the other could fill and stall both."""
+
+    def __init__(self, mode: str, table: pathlib.Path, out: pathlib.Path) -> None:
+        port = str(free_port())
+        self.logs = [(out.parent / f"{i}.out", out.parent / f"{i}.err") for i in range(2)]
+        self.procs = []
+        for i, (stdout, stderr) in enumerate(self.logs):
+            with open(stdout, "w") as o, open(stderr, "w") as e:
+                command = [sys.executable, str(SCRIPT), mode, str(table), str(out), port, str(i)]
+                self.procs.append(subprocess.Popen(command, stdout=o, stderr=e))
+
+    def wait_for_line(self, word: str, seconds: float = 300) -> None:
+        """Until each process has printed a line ending in `word` (gloo and XLA write to
+        stdout too, maybe on the same line)."""
+        deadline = time.monotonic() + seconds
+        try:
+            for i, p in enumerate(self.procs):
+                while not any(s.rstrip().endswith(word) for s in self.stdout(i).splitlines()):
+                    assert p.poll() is None, f"process {i} ended first: {self.stderr(i)[-3000:]}"
+                    assert time.monotonic() < deadline, f"process {i} printed no {word!r}"
+                    time.sleep(0.05)
+        except BaseException:
+            self.kill()
+            raise
+
+    def finish(self, seconds: float = 600) -> None:
+        """Both processes exit 0 within `seconds`; none is left running."""
+        deadline = time.monotonic() + seconds
+        try:
+            for p in self.procs:
+                p.wait(timeout=max(deadline - time.monotonic(), 1))
+        finally:
+            self.kill()
+        for i, p in enumerate(self.procs):
+            assert p.returncode == 0, self.stderr(i)[-3000:]
+
+    def kill(self) -> None:
+        for p in self.procs:
+            p.kill()
+            p.wait()
+
+    def stdout(self, i: int) -> str:
+        return self.logs[i][0].read_text()
+
+    def stderr(self, i: int) -> str:
+        return self.logs[i][1].read_text()
 
 
 def test_two_processes_equal_one_and_restore_on_other_meshes(tmp_path):
@@ -64,11 +99,8 @@ def test_two_processes_equal_one_and_restore_on_other_meshes(tmp_path):
     for name in ("one", "two", "1", "4"):
         (tmp_path / name).mkdir()
     _run("one", str(table), str(tmp_path / "one" / "out.npz"))
-    two_out = str(tmp_path / "two" / "out.npz")
-    procs = _two_processes("two", table, two_out)
-    for p in procs:
-        _, err = p.communicate(timeout=600)
-        assert p.returncode == 0, err[-3000:]
+    two_out = tmp_path / "two" / "out.npz"
+    _TwoProcesses("two", table, two_out).finish()
     one, two = np.load(tmp_path / "one" / "out.npz"), np.load(two_out)
     # Each process decoded its block of 12 up front (so that both skip the rows one process
     # would), then those of its rows that the other's block held; never all 24, which one
@@ -99,20 +131,12 @@ def test_sigterm_on_one_process_stops_both_at_one_step_with_a_checkpoint(tmp_pat
     it (each its own shards), and both exit 0: neither waits for the other in a collective."""
     table = _table(tmp_path, 16, seed=1)
     (tmp_path / "run").mkdir()
-    procs = _two_processes("preempt", table, str(tmp_path / "run" / "out.npz"))
-    try:
-        for p in procs:  # gloo and XLA write to stdout too, maybe on the same line
-            while (line := p.stdout.readline()) and not line.rstrip().endswith("ready"):
-                pass
-            assert line, "a process ended before stepping"
-        procs[1].send_signal(signal.SIGTERM)
-        outs = [p.communicate(timeout=300) for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    for p, (_, err) in zip(procs, outs, strict=True):
-        assert p.returncode == 0, err[-3000:]
-    stops = {line.split()[-1] for out, _ in outs for line in out.splitlines() if "stopped" in line}
+    run = _TwoProcesses("preempt", table, tmp_path / "run" / "out.npz")
+    run.wait_for_line("ready")  # compiled and stepping
+    run.procs[1].send_signal(signal.SIGTERM)
+    run.finish(seconds=300)
+    outs = [run.stdout(i) for i in range(2)]
+    stops = {line.split()[-1] for out in outs for line in out.splitlines() if "stopped" in line}
     assert len(stops) == 1, stops  # one step for both
     (step,) = stops
     saved = tmp_path / "run" / "checkpoints" / f"step_{int(step):08d}"
