@@ -17,6 +17,11 @@ from nnx_caption.safetensors_io import CheckpointError
 HF_WEIGHTS = "model.safetensors"
 HF_INDEX = "model.safetensors.index.json"
 HF_SHARDS = "model-*-of-*.safetensors"
+# PyTorch state dicts, read without running pickle's code (torch_pickle), when a folder has no
+# safetensors: many hub repos ship only these.
+BIN_WEIGHTS = "pytorch_model.bin"
+BIN_INDEX = "pytorch_model.bin.index.json"
+BIN_SHARDS = "pytorch_model-*-of-*.bin"
 NNX_WEIGHTS = "nnx_model.safetensors"  # converted layout: keys are NNX paths
 NNX_FORMAT = {"format": "nnx-caption"}
 PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
@@ -29,6 +34,7 @@ TOKENIZER_FILES = (
     "added_tokens.json",
 )
 AUX_FILES = (*TOKENIZER_FILES, "preprocessor_config.json")  # travel with the weights
+SAFETENSORS_NAMES = (HF_WEIGHTS, HF_INDEX, NNX_WEIGHTS)
 
 
 def resolve(
@@ -49,9 +55,19 @@ def resolve(
         )
     patterns = ["config.json", "generation_config.json", "*.safetensors", HF_INDEX, *AUX_FILES]
     try:
-        return huggingface_hub.snapshot_download(
+        directory = huggingface_hub.snapshot_download(
             path, revision=revision, cache_dir=cache_dir, token=token, allow_patterns=patterns
         )
+        if not any(os.path.exists(os.path.join(directory, n)) for n in SAFETENSORS_NAMES):
+            # No safetensors in the repo: its PyTorch state dict, as transformers falls back.
+            directory = huggingface_hub.snapshot_download(
+                path,
+                revision=revision,
+                cache_dir=cache_dir,
+                token=token,
+                allow_patterns=[*patterns, BIN_WEIGHTS, BIN_INDEX, BIN_SHARDS],
+            )
+        return directory
     except LocalEntryNotFoundError as err:
         offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
         why = (
@@ -69,32 +85,39 @@ def resolve(
 
 
 def weight_files(directory: str) -> tuple[str, list[str]]:
-    """('nnx' | 'hf', files) for a checkpoint folder, refusing pickled PyTorch weights."""
+    """('nnx' | 'hf', files) for a checkpoint folder: safetensors first, then PyTorch's
+    pytorch_model.bin (single or sharded), as transformers looks for them."""
     if os.path.exists(os.path.join(directory, NNX_WEIGHTS)):
         return "nnx", [os.path.join(directory, NNX_WEIGHTS)]
-    index = os.path.join(directory, HF_INDEX)
-    if os.path.exists(index):
-        try:
-            with open(index, encoding="utf-8") as f:
-                names = sorted(set(json.load(f)["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
-            raise CheckpointError(f"{index}: not a valid safetensors index ({err!r})") from None
-        files = [os.path.join(directory, n) for n in names]
-        for f in files:
-            if not os.path.exists(f):
-                raise CheckpointError(f"{index} lists {os.path.basename(f)}, which is missing")
-        return "hf", files
-    if os.path.exists(os.path.join(directory, HF_WEIGHTS)):
-        return "hf", [os.path.join(directory, HF_WEIGHTS)]
-    pickles = [p for pat in PICKLE_PATTERNS for p in glob.glob(os.path.join(directory, pat))]
-    if pickles:
+    for index, single in ((HF_INDEX, HF_WEIGHTS), (BIN_INDEX, BIN_WEIGHTS)):
+        if os.path.exists(os.path.join(directory, index)):
+            return "hf", _indexed_files(os.path.join(directory, index))
+        if os.path.exists(os.path.join(directory, single)):
+            return "hf", [os.path.join(directory, single)]
+    others = [p for pat in PICKLE_PATTERNS for p in glob.glob(os.path.join(directory, pat))]
+    if others:
         raise CheckpointError(
-            f"{pickles[0]}: PyTorch pickle checkpoints are never unpickled (loading one can run "
-            "arbitrary code). Convert it to safetensors once, where you trust it: "
-            "`VisionEncoderDecoderModel.from_pretrained(src).save_pretrained(dst)` in "
-            "transformers writes model.safetensors."
+            f"{others[0]}: not a weights file that transformers writes. nnx-caption reads "
+            f"{HF_WEIGHTS} (or {HF_INDEX} and its shards) and PyTorch state dicts named "
+            f"{BIN_WEIGHTS} (or {BIN_INDEX}); other pickles are never unpickled"
         )
-    raise CheckpointError(f"{directory}: no {HF_WEIGHTS}, {HF_INDEX} or {NNX_WEIGHTS} found")
+    raise CheckpointError(
+        f"{directory}: no {HF_WEIGHTS}, {HF_INDEX}, {NNX_WEIGHTS} or {BIN_WEIGHTS} found"
+    )
+
+
+def _indexed_files(index: str) -> list[str]:
+    """The shard files an index.json names, each of which must exist."""
+    try:
+        with open(index, encoding="utf-8") as f:
+            names = sorted(set(json.load(f)["weight_map"].values()))
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
+        raise CheckpointError(f"{index}: not a valid weights index ({err!r})") from None
+    files = [os.path.join(os.path.dirname(index), n) for n in names]
+    for f in files:
+        if not os.path.exists(f):
+            raise CheckpointError(f"{index} lists {os.path.basename(f)}, which is missing")
+    return files
 
 
 def checkpoint_files(directory: str) -> list[str]:
@@ -102,7 +125,7 @@ def checkpoint_files(directory: str) -> list[str]:
     NNX, PyTorch pickles."""
     if not os.path.isdir(directory):
         return []
-    patterns = (HF_WEIGHTS, HF_INDEX, HF_SHARDS, NNX_WEIGHTS, *PICKLE_PATTERNS)
+    patterns = (HF_WEIGHTS, HF_INDEX, HF_SHARDS, NNX_WEIGHTS, BIN_INDEX, *PICKLE_PATTERNS)
     return sorted({p for pat in patterns for p in glob.glob(os.path.join(directory, pat))})
 
 

@@ -29,6 +29,7 @@ from nnx_caption.safetensors_io import (
     SafetensorsReader,
 )
 from nnx_caption.sharding import param_sharding, place
+from nnx_caption.torch_pickle import TorchPickleReader
 from nnx_caption.weight_table import IDENTITY, IGNORED, Transform, WeightMap
 
 logger = logging.getLogger("nnx_caption")
@@ -114,7 +115,7 @@ class Loader:
                 variables[path].set_value(value)
 
     def read(self, file: str, layout: str, rename: Rename | None = None, hint: str = "") -> None:
-        with SafetensorsReader(file) as reader:
+        with open_weights(file) as reader:
             if layout == "nnx" and reader.metadata.get("format") != NNX_FORMAT["format"]:
                 raise CheckpointError(f"{file}: not an nnx-caption converted checkpoint")
             saved_from = reader.metadata.get("model_class")
@@ -189,6 +190,11 @@ class Loader:
         if not self.weights.has_hf_name(path):
             return f"{path} (no HF name)"
         return f"{path} (HF {self.weights.to_hf(path)[0]})"
+
+
+def open_weights(file: str) -> SafetensorsReader | TorchPickleReader:
+    """A reader of tensors one at a time, for safetensors or a PyTorch state dict (.bin)."""
+    return TorchPickleReader(file) if file.endswith(".bin") else SafetensorsReader(file)
 
 
 def initial_values(

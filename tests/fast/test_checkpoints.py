@@ -184,11 +184,21 @@ def test_tied_head_is_shared_not_copied(ckpt):
     assert "decoder.wte" in paths and not any("lm_head" in p for p in paths)
 
 
-def test_pickle_weights_are_never_unpickled(ckpt):
+def test_a_pickle_that_would_run_code_is_refused_before_it_runs(ckpt, tmp_path):
+    """pytorch_model.bin is read (a state dict, by a restricted unpickler); a pickle in it
+    that asks for os.mkdir is refused by name, and the directory is never made."""
+    import zipfile
+
     os.remove(ckpt / "model.safetensors")
-    (ckpt / "pytorch_model.bin").write_bytes(b"\x80\x04cos\nsystem\n.")  # would run code
-    msg = _raises(ckpt, "pytorch_model.bin", "never unpickled")
-    assert "safetensors" in msg
+    marker = tmp_path / "ran"
+    with zipfile.ZipFile(ckpt / "pytorch_model.bin", "w") as z:
+        z.writestr("archive/data.pkl", f"cos\nmkdir\n(S'{marker}'\ntR.")
+    _raises(ckpt, "pytorch_model.bin", "os.mkdir", "before anything of it ran")
+    assert not marker.exists()
+    os.remove(ckpt / "pytorch_model.bin")
+    (ckpt / "model.pt").write_bytes(b"\x80\x04cos\nsystem\n.")  # other pickles: never read
+    msg = _raises(ckpt, "model.pt", "never unpickled")
+    assert "pytorch_model.bin" in msg
 
 
 def test_no_weights(ckpt):
@@ -214,7 +224,7 @@ def test_sharded_checkpoint_and_bad_index(ckpt):
     os.remove(ckpt / "model-00002-of-00002.safetensors")
     _raises(ckpt, "model-00002-of-00002.safetensors", "missing")
     (ckpt / "model.safetensors.index.json").write_text("[]")
-    _raises(ckpt, "model.safetensors.index.json", "not a valid safetensors index")
+    _raises(ckpt, "model.safetensors.index.json", "not a valid weights index")
 
 
 def test_bf16_and_fp16_checkpoints_load_as_fp32(ckpt):
