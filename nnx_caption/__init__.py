@@ -1,7 +1,14 @@
 """nnx-caption: image captioning (ViT encoder + GPT-2 decoder) in pure Flax NNX."""
 
 from nnx_caption.compose import from_encoder_decoder_pretrained
-from nnx_caption.config import CaptionConfig, ConfigError, GenerationConfig, GPT2Config, ViTConfig
+from nnx_caption.config import (
+    CaptionConfig,
+    ConfigError,
+    DeiTConfig,
+    GenerationConfig,
+    GPT2Config,
+    ViTConfig,
+)
 from nnx_caption.generate import GenerateOutput, generate
 from nnx_caption.loading import LoadReport, from_pretrained
 from nnx_caption.metrics import CaptionScores, caption_metrics
@@ -21,6 +28,7 @@ __all__ = [
     "ImageProcessor",
     "Tokenizer",
     "ViTConfig",
+    "DeiTConfig",
     "VisionEncoderDecoder",
     "LoadReport",
     "caption_metrics",

@@ -10,7 +10,7 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from nnx_caption import files
 from nnx_caption.execution import Execution
@@ -23,6 +23,7 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ViTConfig:
+    model_type: ClassVar[str] = "vit"
     hidden_size: int = 768
     num_hidden_layers: int = 12
     num_attention_heads: int = 12
@@ -35,6 +36,11 @@ class ViTConfig:
     patch_size: int = 16
     num_channels: int = 3
     qkv_bias: bool = True
+    pooler_output_size: int | None = None  # the unused pooler's width; None: hidden_size
+
+    def __post_init__(self) -> None:  # as transformers fills it in
+        if self.pooler_output_size is None:
+            object.__setattr__(self, "pooler_output_size", self.hidden_size)
 
     @property
     def head_dim(self) -> int:
@@ -44,6 +50,19 @@ class ViTConfig:
     def grid_size(self) -> int:
         """Patches per side of the image size the position embeddings were trained for."""
         return self.image_size // self.patch_size
+
+
+@dataclass(frozen=True)
+class DeiTConfig(ViTConfig):
+    """DeiT: transformers' DeiTConfig has ViT's fields; its embeddings add a distillation
+    token (deit.py)."""
+
+    model_type: ClassVar[str] = "deit"
+
+
+# config.json's encoder.model_type -> the config class it is read into (model.ENCODERS maps
+# that class to its module, weight_table.ENCODER_TABLES to its weight table).
+ENCODER_CONFIGS = {c.model_type: c for c in (ViTConfig, DeiTConfig)}
 
 
 @dataclass(frozen=True)
@@ -118,20 +137,21 @@ class CaptionConfig:
             raise ConfigError(
                 f"model_type is {hf.get('model_type')!r}, expected 'vision-encoder-decoder'"
             )
-        for part, want in (("encoder", "vit"), ("decoder", "gpt2")):
+        for part, known in (("encoder", ENCODER_CONFIGS), ("decoder", {"gpt2": GPT2Config})):
             sub = hf.get(part)
             if not isinstance(sub, dict):
                 raise ConfigError(f"'{part}' is missing: a VisionEncoderDecoder config nests it")
-            if sub.get("model_type") != want:
+            if sub.get("model_type") not in known:
                 raise ConfigError(
-                    f"{part}.model_type is {sub.get('model_type')!r}; nnx-caption builds {want!r}"
+                    f"{part}.model_type is {sub.get('model_type')!r}; nnx-caption builds "
+                    + " or ".join(map(repr, known))
                 )
         enc, dec = hf["encoder"], hf["decoder"]
         if dec.get("add_cross_attention") is False:
             raise ConfigError("decoder.add_cross_attention is false: the decoder must cross-attend")
         if dec.get("cross_attention_hidden_size") not in (None, enc.get("hidden_size")):
             raise ConfigError("decoder.cross_attention_hidden_size must equal encoder.hidden_size")
-        encoder = pick_fields(ViTConfig, enc, "encoder")
+        encoder = pick_fields(ENCODER_CONFIGS[enc["model_type"]], enc, "encoder")
         decoder = pick_fields(GPT2Config, dec, "decoder")
         eos = _first(hf.get("eos_token_id"), decoder.eos_token_id)
         start = _first(hf.get("decoder_start_token_id"), decoder.bos_token_id)
@@ -153,7 +173,7 @@ class CaptionConfig:
 
     def to_hf(self) -> dict[str, Any]:
         """The config.json dict that transformers' VisionEncoderDecoderModel loads."""
-        enc = dataclasses.asdict(self.encoder) | {"model_type": "vit"}
+        enc = dataclasses.asdict(self.encoder) | {"model_type": self.encoder.model_type}
         dec = dataclasses.asdict(self.decoder) | {
             "model_type": "gpt2",
             "add_cross_attention": True,

@@ -1,4 +1,5 @@
-"""VisionEncoderDecoder: the ViT encoder, an optional width projection, the GPT-2 decoder.
+"""VisionEncoderDecoder: the encoder (ViT or DeiT), an optional width projection, the GPT-2
+decoder.
 
 An edited architecture subclasses it (or replaces it) with the same constructor signature,
 `(config, *, dtype, param_dtype, rngs)`; `encoder_cls` / `decoder_cls` (and the `block_cls` of
@@ -11,14 +12,18 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from nnx_caption.config import CaptionConfig
+from nnx_caption.config import CaptionConfig, DeiTConfig, ViTConfig
+from nnx_caption.deit import DeiT
 from nnx_caption.gpt2 import GPT2
 from nnx_caption.layers import Dense
 from nnx_caption.vit import ViT
 
+# Each encoder family's config class -> its module.
+ENCODERS: dict[type, type[nnx.Module]] = {ViTConfig: ViT, DeiTConfig: DeiT}
+
 
 class VisionEncoderDecoder(nnx.Module):
-    encoder_cls = ViT
+    encoder_cls: type[nnx.Module] | None = None  # None: the config's family (ENCODERS)
     decoder_cls = GPT2
 
     def __init__(
@@ -33,7 +38,8 @@ class VisionEncoderDecoder(nnx.Module):
         `param_dtype` (float32 master weights)."""
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.config = config
-        self.encoder = self.encoder_cls(config.encoder, execution=config.execution, **kw)
+        encoder_cls = self.encoder_cls or ENCODERS[type(config.encoder)]
+        self.encoder = encoder_cls(config.encoder, execution=config.execution, **kw)
         e, d = config.encoder.hidden_size, config.decoder.n_embd
         self.enc_to_dec_proj = (  # initialised from the decoder's initializer_range, as HF does
             Dense(e, d, (None, "embed"), init_std=config.decoder.initializer_range, **kw)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -133,9 +134,12 @@ def _per_channel(value: float | Sequence[float], name: str) -> tuple[float, floa
 
 
 _CONFIG_KEYS = (
+    "image_processor_type",
     "do_resize",
     "size",
     "resample",
+    "do_center_crop",
+    "crop_size",
     "do_rescale",
     "rescale_factor",
     "do_normalize",
@@ -146,7 +150,8 @@ _CONFIG_KEYS = (
 
 
 class ImageProcessor:
-    """ViT preprocessing: RGB, resize, rescale, normalize. Returns float32 NHWC.
+    """ViT / DeiT preprocessing: RGB, resize, center crop (DeiT's, when configured), rescale,
+    normalize. Returns float32 NHWC.
 
     Defaults are `ViTImageProcessor`'s. Images are always converted to RGB because the model takes
     3 channels; `do_convert_rgb` is only carried through `to_dict` for round trips.
@@ -155,9 +160,12 @@ class ImageProcessor:
     def __init__(
         self,
         *,
+        image_processor_type: str = "ViTImageProcessor",
         do_resize: bool = True,
         size: int | Sequence[int] | dict[str, int] = 224,
         resample: int = 2,  # PIL.Image.Resampling.BILINEAR
+        do_center_crop: bool = False,
+        crop_size: int | Sequence[int] | dict[str, int] | None = None,
         do_rescale: bool = True,
         rescale_factor: float = 1 / 255,
         do_normalize: bool = True,
@@ -165,9 +173,14 @@ class ImageProcessor:
         image_std: float | Sequence[float] = 0.5,
         do_convert_rgb: bool | None = None,
     ) -> None:
+        self.image_processor_type = str(image_processor_type).removesuffix("Pil")
         self.do_resize = bool(do_resize)
         self.height, self.width = _parse_size(size)
         self.resample = int(resample)
+        self.do_center_crop = bool(do_center_crop)
+        if self.do_center_crop and crop_size is None:
+            raise ValueError("do_center_crop is set without a crop_size")
+        self.crop = _parse_size(crop_size) if self.do_center_crop else None  # (height, width)
         self.do_rescale = bool(do_rescale)
         self.rescale_factor = float(rescale_factor)
         self.do_normalize = bool(do_normalize)
@@ -181,16 +194,21 @@ class ImageProcessor:
         config = read_json(os.path.join(path, PREPROCESSOR_CONFIG))
         if config is None:
             raise FileNotFoundError(f"no {PREPROCESSOR_CONFIG} in directory {path!r}")
-        if config.get("do_center_crop"):
-            raise ValueError(f"{path}: do_center_crop is not supported (ViT does not crop)")
-        return cls(**{k: config[k] for k in _CONFIG_KEYS if config.get(k) is not None})
+        try:
+            return cls(**{k: config[k] for k in _CONFIG_KEYS if config.get(k) is not None})
+        except ValueError as err:
+            raise ValueError(f"{path}/{PREPROCESSOR_CONFIG}: {err}") from None
 
     def to_dict(self) -> dict[str, Any]:
+        crop = {"do_center_crop": self.crop is not None}  # DeiT's processor crops by default
+        if self.crop is not None:
+            crop["crop_size"] = {"height": self.crop[0], "width": self.crop[1]}
         return {
-            "image_processor_type": "ViTImageProcessor",
+            "image_processor_type": self.image_processor_type,
             "do_resize": self.do_resize,
             "size": {"height": self.height, "width": self.width},
             "resample": self.resample,
+            **crop,
             "do_rescale": self.do_rescale,
             "rescale_factor": self.rescale_factor,
             "do_normalize": self.do_normalize,
@@ -210,6 +228,22 @@ class ImageProcessor:
         resized = Image.fromarray(rgb).resize((self.width, self.height), resample=self.resample)
         return np.asarray(resized)
 
+    def center_crop(self, rgb: np.ndarray) -> np.ndarray:
+        """(H, W, 3) -> the crop size's centre, zero-padded where the image is smaller, with
+        transformers' `center_crop` arithmetic; unchanged when do_center_crop is off."""
+        if self.crop is None:
+            return rgb
+        (h, w), (ch, cw) = rgb.shape[:2], self.crop
+        top, left = (h - ch) // 2, (w - cw) // 2
+        if top >= 0 and left >= 0:
+            return rgb[top : top + ch, left : left + cw]
+        nh, nw = max(ch, h), max(cw, w)
+        padded = np.zeros((nh, nw, rgb.shape[2]), rgb.dtype)
+        pad_top, pad_left = math.ceil((nh - h) / 2), math.ceil((nw - w) / 2)
+        padded[pad_top : pad_top + h, pad_left : pad_left + w] = rgb
+        top, left = top + pad_top, left + pad_left
+        return padded[max(0, top) : min(nh, top + ch), max(0, left) : min(nw, left + cw)]
+
     def normalize(self, pixels: np.ndarray) -> np.ndarray:
         """(..., H, W, 3) uint8 or float pixels -> float32, rescaled and normalized."""
         x = pixels
@@ -225,7 +259,7 @@ class ImageProcessor:
 
     def preprocess_one(self, image: ImageInput) -> np.ndarray:
         """One image -> (H, W, 3) float32."""
-        return self.normalize(self.resize(load_rgb(image)))
+        return self.normalize(self.center_crop(self.resize(load_rgb(image))))
 
     def __call__(self, images: ImageInput | Sequence[ImageInput]) -> np.ndarray:
         """A PIL image, uint8 array ((H, W) or (H, W, C)), path, bytes, or list -> (B, H, W, 3)."""

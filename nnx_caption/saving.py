@@ -90,7 +90,7 @@ def _nnx_specs(model: VisionEncoderDecoder) -> list[tuple]:
 
 def _hf_specs(model: VisionEncoderDecoder, out_dir: str) -> list[tuple]:
     """(HF name, shape, dtype, () -> host array in HF's layout) of every parameter, and the
-    ViT pooler transformers expects; a CheckpointError when some parameter has no HF name."""
+    encoder pooler transformers expects; a CheckpointError when some parameter has no HF name."""
     unnamed = unnamed_params(model)
     if unnamed:
         lora = any("lora" in n for n in unnamed)
@@ -106,11 +106,13 @@ def _hf_specs(model: VisionEncoderDecoder, out_dir: str) -> list[tuple]:
         hf_name, t = weights.to_hf(path_str(path))
         produce = lambda v=value, t=t: t.to_hf(to_host(v))  # noqa: E731
         specs.append((hf_name, t.hf_shape(value.shape), value.dtype, produce))
-    # transformers builds the ViT with a pooler that VisionEncoderDecoder never uses; zeros
-    # keep its load report free of "MISSING, newly initialized" and the export deterministic.
+    # transformers builds the ViT / DeiT with a pooler that VisionEncoderDecoder never uses;
+    # zeros keep its load report free of "MISSING, newly initialized" and the export
+    # deterministic.
     e = model.config.encoder.hidden_size
+    p = model.config.encoder.pooler_output_size
     specs += [
         (f"encoder.pooler.dense.{n}", s, np.float32, lambda s=s: np.zeros(s, np.float32))
-        for n, s in (("weight", (e, e)), ("bias", (e,)))
+        for n, s in (("weight", (p, e)), ("bias", (p,)))
     ]
     return specs

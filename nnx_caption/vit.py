@@ -46,6 +46,8 @@ def bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
 
 
 class ViTEmbeddings(nnx.Module):
+    prefix_tokens = 1  # CLS; DeiT adds a distillation token
+
     def __init__(self, cfg: ViTConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         p, c, e = cfg.patch_size, cfg.num_channels, cfg.hidden_size
         self.cfg = cfg
@@ -59,7 +61,7 @@ class ViTEmbeddings(nnx.Module):
             rngs=rngs,
         )
         self.cls = nnx.Param(jnp.zeros((e,), param_dtype), axes=("embed",))
-        n_pos = cfg.grid_size**2 + 1
+        n_pos = cfg.grid_size**2 + self.prefix_tokens
         self.positions = nnx.Param(
             0.02 * jax.random.normal(rngs.params(), (n_pos, e), param_dtype), axes=(None, "embed")
         )
@@ -71,10 +73,14 @@ class ViTEmbeddings(nnx.Module):
             raise ValueError(f"images have {c} channels; the config says {self.cfg.num_channels}")
         gh, gw = h // p, w // p
         patches = images[:, : gh * p, : gw * p].reshape(b, gh, p, gw, p, c).swapaxes(2, 3)
-        x = self.patch(patches).reshape(b, gh * gw, -1)  # (B, S - 1, E): one token per patch
-        cls = jnp.broadcast_to(self.cls[...].astype(x.dtype), (b, 1, x.shape[-1]))
-        x = jnp.concatenate([cls, x], axis=1)
+        x = self.patch(patches).reshape(b, gh * gw, -1)  # (B, S - k, E): one token per patch
+        prefix = jnp.stack([t[...] for t in self.prefix()]).astype(x.dtype)  # (k, E)
+        x = jnp.concatenate([jnp.broadcast_to(prefix, (b, *prefix.shape)), x], axis=1)
         return x + self.position_table(h, w).astype(x.dtype)
+
+    def prefix(self) -> list[nnx.Param]:
+        """The learned tokens before the patches, in order (prefix_tokens of them)."""
+        return [self.cls]
 
     def position_table(self, height: int, width: int) -> jax.Array:
         """Position embeddings, bicubically resized when the patch grid differs from training's,
@@ -84,10 +90,11 @@ class ViTEmbeddings(nnx.Module):
         gh, gw = height // p, width // p
         if gh * gw == g * g and height == width:
             return table
-        grid = table[1:].reshape(g, g, -1)
+        k = self.prefix_tokens
+        grid = table[k:].reshape(g, g, -1)
         rows, cols = jnp.asarray(bicubic_matrix(g, gh)), jnp.asarray(bicubic_matrix(g, gw))
         grid = jnp.einsum("ai,bj,ije->abe", rows, cols, grid, precision="highest")
-        return jnp.concatenate([table[:1], grid.reshape(gh * gw, -1)], axis=0)
+        return jnp.concatenate([table[:k], grid.reshape(gh * gw, -1)], axis=0)
 
 
 class ViTAttention(nnx.Module):
@@ -131,7 +138,8 @@ class ViTBlock(nnx.Module):
 
 
 class ViT(nnx.Module):
-    block_cls = ViTBlock  # a subclass swaps in its own block here
+    embeddings_cls = ViTEmbeddings  # a subclass swaps in its own embeddings (DeiT) or block here
+    block_cls = ViTBlock
 
     def __init__(
         self,
@@ -143,7 +151,7 @@ class ViT(nnx.Module):
         rngs: nnx.Rngs,
     ):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.embeddings = ViTEmbeddings(cfg, **kw)
+        self.embeddings = self.embeddings_cls(cfg, **kw)
         self.blocks = nnx.List([self.block_cls(cfg, **kw) for _ in range(cfg.num_hidden_layers)])
         self.ln_f = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, param_dtype=param_dtype)
         self.dropout_rate = cfg.hidden_dropout_prob

@@ -1,5 +1,6 @@
-"""The weight table: every Hugging Face tensor name of a VisionEncoderDecoderModel (ViT +
-GPT-2) against the NNX parameter path that holds it, with the transform between their layouts.
+"""The weight tables: every Hugging Face tensor name of a VisionEncoderDecoderModel, one table
+per family (ViT, DeiT; GPT-2), against the NNX parameter path that holds it, with the
+transform between their layouts.
 `{i}` stands for a layer index. The same table drives loading (HF -> NNX) and saving (NNX ->
 HF); a parameter the table does not name is an error on load unless it is declared new
 (`new_params`), and has no HF name on save (the NNX layout holds any model).
@@ -68,8 +69,10 @@ CONV2D = Transform(
 
 _VIT = "encoder.encoder.layer.{i}."
 _GPT = "decoder.transformer.h.{i}."
-# (HF name, NNX path, transform). Biases of multi-head projections are FLAT.
-TABLE: list[tuple[str, str, Transform]] = [
+Row = tuple[str, str, Transform]  # (HF name, NNX path, transform)
+
+# One table per family. Biases of multi-head projections are FLAT.
+VIT: list[Row] = [
     ("encoder.embeddings.cls_token", "encoder.embeddings.cls", leading_ones(2)),
     ("encoder.embeddings.position_embeddings", "encoder.embeddings.positions", leading_ones(1)),
     (
@@ -100,8 +103,18 @@ TABLE: list[tuple[str, str, Transform]] = [
     (_VIT + "output.dense.bias", "encoder.blocks.{i}.mlp.proj.bias", IDENTITY),
     ("encoder.layernorm.weight", "encoder.ln_f.scale", IDENTITY),
     ("encoder.layernorm.bias", "encoder.ln_f.bias", IDENTITY),
+]
+# DeiT: ViT's tensors and the distillation token.
+DEIT: list[Row] = [
+    *VIT,
+    ("encoder.embeddings.distillation_token", "encoder.embeddings.distillation", leading_ones(2)),
+]
+# Encoder states -> decoder width, when they differ.
+BRIDGE: list[Row] = [
     ("enc_to_dec_proj.weight", "enc_to_dec_proj.kernel", linear(1)),
     ("enc_to_dec_proj.bias", "enc_to_dec_proj.bias", IDENTITY),
+]
+GPT2: list[Row] = [
     ("decoder.transformer.wte.weight", "decoder.wte", IDENTITY),
     ("decoder.transformer.wpe.weight", "decoder.wpe", IDENTITY),
     (_GPT + "ln_1.weight", "decoder.blocks.{i}.ln_1.scale", IDENTITY),
@@ -128,10 +141,13 @@ TABLE: list[tuple[str, str, Transform]] = [
     ("decoder.transformer.ln_f.bias", "decoder.ln_f.bias", IDENTITY),
     ("decoder.lm_head.weight", "decoder.lm_head.kernel", linear(1)),  # untied heads only
 ]
+ENCODER_TABLES = {"vit": VIT, "deit": DEIT}
+DECODER_TABLES = {"gpt2": GPT2}
+TABLE = VIT + BRIDGE + GPT2  # ViT + GPT-2, the first family pairing
 # Tied heads: lm_head *is* wte, so a checkpoint that stores only lm_head still loads.
 TIED_HEAD = ("decoder.lm_head.weight", "decoder.wte", IDENTITY)
 
-# Legacy buffers (causal-mask constants of old GPT-2 exports) and the unused ViT pooler.
+# Legacy buffers (causal-mask constants of old GPT-2 exports) and the encoder's unused pooler.
 IGNORED = re.compile(
     r"decoder\.transformer\.h\.\d+\.(attn|crossattention)\.(bias|masked_bias)"
     r"|encoder\.pooler\..*"
@@ -146,8 +162,9 @@ class WeightMap:
     """The table, compiled for one config (tied or untied head), in both directions."""
 
     def __init__(self, config: CaptionConfig):
-        rows = [r for r in TABLE if r[0] != TIED_HEAD[0]]
-        rows.append(TIED_HEAD if config.decoder.tie_word_embeddings else TABLE[-1])
+        decoder = DECODER_TABLES["gpt2"]
+        rows = ENCODER_TABLES[config.encoder.model_type] + BRIDGE + decoder[:-1]
+        rows.append(TIED_HEAD if config.decoder.tie_word_embeddings else decoder[-1])
         self.rows = [(_compile(hf), _compile(nnx_), hf, nnx_, t) for hf, nnx_, t in rows]
 
     def to_nnx(self, hf_name: str) -> tuple[str, Transform] | None:
@@ -169,11 +186,15 @@ class WeightMap:
 # Composing: a single model's checkpoint keys as the captioner names them.
 
 
-def encoder_name(key: str) -> str | None:
-    """A ViTModel / ViTForImageClassification key -> its VisionEncoderDecoder name; the pooler
-    and the classifier are not part of the captioner."""
-    key = key.removeprefix("vit.")
-    return None if key.startswith(("pooler.", "classifier.")) else "encoder." + key
+ENCODER_HEADS = ("pooler.", "classifier.", "cls_classifier.", "distillation_classifier.")
+
+
+def encoder_name(key: str, model_type: str = "vit") -> str | None:
+    """A ViTModel / DeiTModel key, or one of their image classifiers (prefixed `vit.` /
+    `deit.`), -> its VisionEncoderDecoder name; poolers and classifier heads are not part of
+    the captioner."""
+    key = key.removeprefix(model_type + ".")
+    return None if key.startswith(ENCODER_HEADS) else "encoder." + key
 
 
 def decoder_name(key: str) -> str:

@@ -74,7 +74,7 @@ def test_missing_preprocessor_config_names_the_directory(tmp_path):
     "config, match",
     [
         ({"size": {"shortest_edge": 224}}, "shortest_edge"),
-        ({"do_center_crop": True, "crop_size": {"height": 8, "width": 8}}, "center_crop"),
+        ({"do_center_crop": True}, "crop_size"),
         ({"image_mean": [0.5, 0.5]}, "image_mean"),
     ],
 )

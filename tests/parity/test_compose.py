@@ -1,4 +1,4 @@
-"""Composing a captioner from a pretrained ViT and a pretrained GPT-2, against transformers'
+"""Composing a captioner from a pretrained ViT or DeiT and a pretrained GPT-2, against transformers'
 VisionEncoderDecoderModel.from_encoder_decoder_pretrained: the same tensors, the loaded parts
 bit-identical to the sources, the new ones initialised as transformers does, and the saved
 checkpoint's logits in transformers equal to ours."""
@@ -26,7 +26,10 @@ def make_sources(tmp_path, encoder_cls: str, decoder_cls: str, n_embd: int):
     import transformers
 
     torch.manual_seed(0)
-    vit = getattr(transformers, encoder_cls)(transformers.ViTConfig(**ENC, num_labels=3))
+    config_cls = (
+        transformers.DeiTConfig if encoder_cls.startswith("DeiT") else transformers.ViTConfig
+    )
+    vit = getattr(transformers, encoder_cls)(config_cls(**ENC, num_labels=3))
     vit.save_pretrained(tmp_path / "vit")
     gpt2 = getattr(transformers, decoder_cls)(transformers.GPT2Config(**dict(DEC, n_embd=n_embd)))
     gpt2.save_pretrained(tmp_path / "gpt2")
@@ -57,7 +60,8 @@ def source_tensor(name: str, vit_tensors: dict, gpt2_tensors: dict) -> np.ndarra
     """The source tensor a composed HF name came from, or None for a new one."""
     if name.startswith("encoder."):
         key = name.removeprefix("encoder.")
-        return vit_tensors.get(key, vit_tensors.get("vit." + key))
+        keys = (key, "vit." + key, "deit." + key)
+        return next((vit_tensors[k] for k in keys if k in vit_tensors), None)
     key = name.removeprefix("decoder.")
     return gpt2_tensors.get(key, gpt2_tensors.get(key.removeprefix("transformer.")))
 
@@ -72,6 +76,8 @@ LAYOUTS = [
     ("ViTModel", "GPT2Model", 32),
     ("ViTForImageClassification", "GPT2LMHeadModel", 32),
     ("ViTForImageClassification", "GPT2Model", 48),
+    ("DeiTModel", "GPT2LMHeadModel", 48),  # DeiT: TrOCR-small's encoder
+    ("DeiTForImageClassificationWithTeacher", "GPT2Model", 32),
 ]
 
 

@@ -197,6 +197,34 @@ def test_reads_transformers_saved_config(config, tmp_path):
     assert_close(ImageProcessor.from_pretrained(tmp_path)(image), reference(config, image))
 
 
+# DeiT's processor: bicubic resize, then a center crop (zero-padded where the image is smaller).
+DEIT_CONFIGS = [
+    {},  # DeiTImageProcessor's defaults: 256 -> crop 224
+    {"size": {"height": 40, "width": 33}, "crop_size": {"height": 32, "width": 31}},
+    {"size": {"height": 20, "width": 25}, "crop_size": {"height": 24, "width": 30}},  # pads
+    {"size": {"height": 384, "width": 384}, "do_center_crop": False, "resample": 3},  # trocr
+    {"do_resize": False, "crop_size": {"height": 9, "width": 40}},
+]
+
+
+@pytest.mark.parametrize("config", DEIT_CONFIGS, ids=lambda c: ",".join(map(str, c)) or "default")
+def test_deit_processor_matches_transformers(config, tmp_path):
+    from transformers.models.deit.image_processing_pil_deit import DeiTImageProcessorPil
+
+    DeiTImageProcessorPil(**config).save_pretrained(tmp_path)
+    ours = ImageProcessor.from_pretrained(tmp_path)
+    for size in ((17, 31), (300, 260)):
+        image = Image.fromarray(_pixels(*size, 3, seed=10))
+        ref = DeiTImageProcessorPil(**config)(image, return_tensors="np")["pixel_values"]
+        assert_close(ours(image), np.asarray(ref).transpose(0, 2, 3, 1))
+    ours.save_pretrained(tmp_path / "again")  # and back: transformers reads what we write
+    loaded = AutoImageProcessor.from_pretrained(tmp_path / "again", backend="pil")
+    assert type(loaded).__name__ == "DeiTImageProcessorPil"
+    image = Image.fromarray(_pixels(50, 70, 3, seed=11))
+    ref = np.asarray(loaded(image, return_tensors="np")["pixel_values"]).transpose(0, 2, 3, 1)
+    assert_close(ours(image), ref)
+
+
 def test_reads_legacy_feature_extractor_config(tmp_path):
     legacy = {
         "do_normalize": True,

@@ -65,12 +65,15 @@ def test_loss_equals_hf_script(smoothing):
 
 
 @pytest.mark.parametrize(
-    "accumulate, per_image", [(1, 1), (2, 1), (2, 2)], ids=["plain", "accumulate", "grouped"]
+    "accumulate, per_image, encoder",
+    [(1, 1, "vit"), (2, 1, "vit"), (2, 2, "vit"), (1, 1, "deit")],
+    ids=["plain", "accumulate", "grouped", "deit"],
 )
-def test_adamw_steps_equal_torch(tmp_path, accumulate, per_image):
+def test_adamw_steps_equal_torch(tmp_path, accumulate, per_image, encoder):
     """per_image 2: two images with two captions each, each image encoded once (and split
     over the micro-batches with its captions); torch sees each image repeated per caption."""
     enc, dec = no_dropout(*CONFIGS["proj_gelu"])
+    enc = dict(enc, model_type=encoder)
     ref = build_hf_model(enc, dec, scale=2.0)
     ref.save_pretrained(tmp_path)
     model = nc.from_pretrained(tmp_path)

@@ -70,7 +70,29 @@ def main(tiny_dir: str, meshes: list[tuple[int, int, int]]) -> None:
             "max_abs_logit": float(jnp.abs(want).max()),
             "specs": specs,
         }
+    results["deit"] = deit(config, inputs)
     print(json.dumps(results))
+
+
+def deit(config, inputs) -> dict:
+    """The same architecture with a DeiT encoder (a distillation token), sharded on (2, 2, 2)
+    with scan and remat, against one device."""
+    from nnx_caption.config import DeiTConfig
+    from nnx_caption.execution import Execution
+
+    encoder = DeiTConfig(**dataclasses.asdict(config.encoder))
+    path = tempfile.mkdtemp()
+    model = nc.VisionEncoderDecoder(dataclasses.replace(config, encoder=encoder), rngs=nnx.Rngs(1))
+    nc.save_pretrained(model, path)
+    want = nnx.jit(lambda m, *xs: m(*xs))(nc.from_pretrained(path), *inputs)
+    mesh = make_mesh(data=2, fsdp=2, tensor=2)
+    sharded = nc.from_pretrained(path, mesh=mesh, execution=Execution(scan=True, remat=True))
+    with jax.set_mesh(mesh):
+        placed = [jax.device_put(x, batch_sharding(mesh)) for x in inputs]
+        got = nnx.jit(lambda m, *xs: m(*xs))(sharded, *placed)
+    token = sharded.encoder.embeddings.distillation[...]
+    return {"max_diff_vs_single": float(jnp.abs(got - want).max()),
+            "distillation_spec": str(tuple(token.sharding.spec))}  # fmt: skip
 
 
 if __name__ == "__main__":  # sharded_forward.py TINY_DIR D,F,T [D,F,T ...]

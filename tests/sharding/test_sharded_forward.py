@@ -19,7 +19,10 @@ MESHES = ["8,1,1", "2,4,1", "2,2,2", "1,2,4"]
 def results(tiny_dir) -> dict:
     """One process for every mesh: the single-device reference is computed once."""
     out = subprocess.run(
-        [sys.executable, str(SCRIPT), str(tiny_dir), *MESHES], capture_output=True, text=True
+        [sys.executable, str(SCRIPT), str(tiny_dir), *MESHES],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -41,3 +44,8 @@ def test_sharded_forward_equals_single_device(results, mesh):
     assert specs["decoder.blocks.1.attn.qkv.kernel"] == f"({f}, None, {t}, None)"
     assert specs["decoder.ln_f.scale"] == f"({f},)"
     assert specs["decoder.wte"] == f"({t}, {f})"
+
+
+def test_a_deit_encoder_shards_scans_and_remats_to_the_same_logits(results):
+    assert results["deit"]["max_diff_vs_single"] <= 1e-5
+    assert results["deit"]["distillation_spec"] == "('fsdp',)"  # as CLS: by embed
