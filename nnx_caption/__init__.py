@@ -7,6 +7,7 @@ from nnx_caption.config import (
     DeiTConfig,
     GenerationConfig,
     GPT2Config,
+    TrOCRConfig,
     ViTConfig,
 )
 from nnx_caption.generate import GenerateOutput, generate
@@ -29,6 +30,7 @@ __all__ = [
     "Tokenizer",
     "ViTConfig",
     "DeiTConfig",
+    "TrOCRConfig",
     "VisionEncoderDecoder",
     "LoadReport",
     "caption_metrics",

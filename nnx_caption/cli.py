@@ -88,7 +88,10 @@ def _compose(args: argparse.Namespace) -> None:
             file=sys.stderr,
         )
     cfg = model.config
-    layers = f"{cfg.encoder.num_hidden_layers}-layer ViT + {cfg.decoder.n_layer}-layer GPT-2"
+    layers = (
+        f"{cfg.encoder.num_hidden_layers}-layer {cfg.encoder.model_type} + "
+        f"{cfg.decoder.num_layers}-layer {cfg.decoder.model_type}"
+    )
     print(
         f"composed {out}: {layers} with new cross-attention (seed {args.seed}); "
         f"decoder_start={cfg.decoder_start_token_id} pad=eos={cfg.eos_token_id}; "

@@ -67,6 +67,7 @@ ENCODER_CONFIGS = {c.model_type: c for c in (ViTConfig, DeiTConfig)}
 
 @dataclass(frozen=True)
 class GPT2Config:
+    model_type: ClassVar[str] = "gpt2"
     vocab_size: int = 50257
     n_positions: int = 1024
     n_embd: int = 768
@@ -93,6 +94,56 @@ class GPT2Config:
     @property
     def inner_size(self) -> int:
         return self.n_inner if self.n_inner is not None else 4 * self.n_embd
+
+    # Every decoder config's names for what code outside its model file reads.
+    width_and_heads_fields: ClassVar[tuple[str, str]] = ("n_embd", "n_head")
+    width = property(lambda self: self.n_embd)
+    num_layers = property(lambda self: self.n_layer)
+    num_heads = property(lambda self: self.n_head)
+    max_positions = property(lambda self: self.n_positions)
+    init_std = property(lambda self: self.initializer_range)
+
+
+@dataclass(frozen=True)
+class TrOCRConfig:
+    """transformers' TrOCRConfig: a post-LN decoder with learned (offset 2) or sinusoidal
+    positions (trocr.py)."""
+
+    model_type: ClassVar[str] = "trocr"
+    vocab_size: int = 50265
+    d_model: int = 1024
+    decoder_layers: int = 12
+    decoder_attention_heads: int = 16
+    decoder_ffn_dim: int = 4096
+    activation_function: str = "gelu"
+    max_position_embeddings: int = 512
+    dropout: float = 0.1
+    attention_dropout: float = 0.0
+    activation_dropout: float = 0.0
+    init_std: float = 0.02
+    scale_embedding: bool = False
+    use_learned_position_embeddings: bool = True
+    layernorm_embedding: bool = True
+    cross_attention_hidden_size: int | None = None  # the encoder's width, read without a proj
+    tie_word_embeddings: bool = True
+    pad_token_id: int | None = 1  # sinusoidal positions skip it
+    bos_token_id: int | None = 0
+    eos_token_id: int | None = 2
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.decoder_attention_heads
+
+    width_and_heads_fields: ClassVar[tuple[str, str]] = ("d_model", "decoder_attention_heads")
+    width = property(lambda self: self.d_model)
+    num_layers = property(lambda self: self.decoder_layers)
+    num_heads = property(lambda self: self.decoder_attention_heads)
+    max_positions = property(lambda self: self.max_position_embeddings)
+    inner_size = property(lambda self: self.decoder_ffn_dim)
+
+
+# config.json's decoder.model_type -> its config class (model.DECODERS: its module).
+DECODER_CONFIGS = {c.model_type: c for c in (GPT2Config, TrOCRConfig)}
 
 
 @dataclass(frozen=True)
@@ -127,8 +178,10 @@ class CaptionConfig:
 
     @property
     def needs_enc_to_dec_proj(self) -> bool:
-        # transformers projects encoder states when the widths differ.
-        return self.encoder.hidden_size != self.decoder.n_embd
+        # transformers projects encoder states when the widths differ, unless the decoder's
+        # cross-attention reads the encoder's width itself (cross_attention_hidden_size).
+        reads_encoder_width = getattr(self.decoder, "cross_attention_hidden_size", None)
+        return self.encoder.hidden_size != self.decoder.width and reads_encoder_width is None
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any], generation: dict[str, Any] | None = None) -> CaptionConfig:
@@ -137,7 +190,7 @@ class CaptionConfig:
             raise ConfigError(
                 f"model_type is {hf.get('model_type')!r}, expected 'vision-encoder-decoder'"
             )
-        for part, known in (("encoder", ENCODER_CONFIGS), ("decoder", {"gpt2": GPT2Config})):
+        for part, known in (("encoder", ENCODER_CONFIGS), ("decoder", DECODER_CONFIGS)):
             sub = hf.get(part)
             if not isinstance(sub, dict):
                 raise ConfigError(f"'{part}' is missing: a VisionEncoderDecoder config nests it")
@@ -147,12 +200,12 @@ class CaptionConfig:
                     + " or ".join(map(repr, known))
                 )
         enc, dec = hf["encoder"], hf["decoder"]
-        if dec.get("add_cross_attention") is False:
+        if dec.get("add_cross_attention") is False and dec["model_type"] == "gpt2":
             raise ConfigError("decoder.add_cross_attention is false: the decoder must cross-attend")
         if dec.get("cross_attention_hidden_size") not in (None, enc.get("hidden_size")):
             raise ConfigError("decoder.cross_attention_hidden_size must equal encoder.hidden_size")
         encoder = pick_fields(ENCODER_CONFIGS[enc["model_type"]], enc, "encoder")
-        decoder = pick_fields(GPT2Config, dec, "decoder")
+        decoder = pick_fields(DECODER_CONFIGS[dec["model_type"]], dec, "decoder")
         eos = _first(hf.get("eos_token_id"), decoder.eos_token_id)
         start = _first(hf.get("decoder_start_token_id"), decoder.bos_token_id)
         pad = _first(hf.get("pad_token_id"), dec.get("pad_token_id"), eos)
@@ -175,7 +228,7 @@ class CaptionConfig:
         """The config.json dict that transformers' VisionEncoderDecoderModel loads."""
         enc = dataclasses.asdict(self.encoder) | {"model_type": self.encoder.model_type}
         dec = dataclasses.asdict(self.decoder) | {
-            "model_type": "gpt2",
+            "model_type": self.decoder.model_type,
             "add_cross_attention": True,
             "is_decoder": True,
             "pad_token_id": self.pad_token_id,
@@ -208,7 +261,7 @@ class CaptionConfig:
                 e.hidden_size % e.num_attention_heads == 0,
                 "encoder.hidden_size % num_attention_heads",
             ),
-            (d.n_embd % d.n_head == 0, "decoder.n_embd % n_head"),
+            (d.width % d.num_heads == 0, "decoder.{} % {}".format(*d.width_and_heads_fields)),
             (e.image_size % e.patch_size == 0, "encoder.image_size % patch_size"),
         ]
         for ok, what in checks:

@@ -49,3 +49,11 @@ def copy_file(src: str, dst: str) -> None:
     """shutil.copyfile, atomically."""
     with open(src, "rb") as source, replacing(dst, "wb") as target:
         shutil.copyfileobj(source, target)
+
+
+def write_json(directory: str | os.PathLike, name: str, data: dict) -> None:
+    """`directory/name` as indented, key-sorted JSON, atomically (transformers' config files)."""
+    os.makedirs(directory, exist_ok=True)
+    with replacing(os.path.join(directory, name), encoding="utf-8") as f:
+        json.dump(data, f, indent=2, sort_keys=True, ensure_ascii=False)
+        f.write("\n")

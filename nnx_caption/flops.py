@@ -56,24 +56,26 @@ def encoder(
     layer = 2 * t * d * 4 * d + 2 * 2 * t * t * d + 2 * 2 * t * d * e.intermediate_size
     flops = 2 * patches * p * p * e.num_channels * d + e.num_hidden_layers * layer
     if cfg.needs_enc_to_dec_proj:
-        flops += 2 * t * d * cfg.decoder.n_embd
+        flops += 2 * t * d * cfg.decoder.width
     return images * flops
 
 
 def cross_kv(cfg: CaptionConfig, images: int, tokens: int) -> float:
     """Cross-attention keys and values of `tokens` image states, every layer."""
     d = cfg.decoder
-    return images * d.n_layer * 2 * tokens * d.n_embd * 2 * d.n_embd
+    states = getattr(d, "cross_attention_hidden_size", None) or d.width  # K/V input width
+    return images * d.num_layers * 2 * tokens * states * 2 * d.width
 
 
 def decoder(cfg: CaptionConfig, rows: int, new: int, keys: int, image_tokens: int) -> float:
-    """The GPT-2 forward for `new` tokens per row attending to `keys` self-attention keys and
-    `image_tokens` image states, excluding the cross-attention K/V projection (cross_kv)."""
+    """The decoder's forward (GPT-2's shapes; TrOCR's are the same) for `new` tokens per row
+    attending to `keys` self-attention keys and `image_tokens` image states, excluding the
+    cross-attention K/V projection (cross_kv)."""
     d = cfg.decoder
-    e = d.n_embd
+    e = d.width
     dense = 2 * e * 3 * e + 3 * 2 * e * e + 2 * 2 * e * d.inner_size  # qkv, o, cross q / o, mlp
     attend = 2 * 2 * e * (keys + image_tokens)
-    per_token = d.n_layer * (dense + attend) + 2 * e * d.vocab_size  # + LM head
+    per_token = d.num_layers * (dense + attend) + 2 * e * d.vocab_size  # + LM head
     return rows * new * per_token
 
 

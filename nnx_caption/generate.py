@@ -100,7 +100,7 @@ def search_settings(
     early_stopping = pick(early_stopping, gen.early_stopping)
     temperature = float(pick(temperature, gen.temperature))
     top_p = float(pick(top_p, gen.top_p))
-    _validate(search, config.decoder.n_positions, early_stopping, temperature, top_p)
+    _validate(search, config.decoder.max_positions, early_stopping, temperature, top_p)
     knobs = Knobs(
         min_length=jnp.int32(pick(min_length, gen.min_length)),
         length_penalty=jnp.float32(pick(length_penalty, gen.length_penalty)),

@@ -81,8 +81,7 @@ class SelfAttention(nnx.Module):
     ) -> tuple[KV | None, jax.Array]:
         """x (N, T, E): the tokens at positions start..; with a cache they are written into it
         and attend to all of it. Returns (updated cache, (N, T, E))."""
-        qkv = self.qkv(x)  # (N, T, 3, H, D)
-        q, k, v = qkv[:, :, 0], heads_first(qkv[:, :, 1]), heads_first(qkv[:, :, 2])
+        q, k, v = self.project(x)
         if cache is not None:
             at = (0, 0, start, 0)
             k = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), at)  # (N,H,S,D)
@@ -99,6 +98,11 @@ class SelfAttention(nnx.Module):
             rngs=rngs,
         )  # (N, T, H, D)
         return cache, self.o(out)
+
+    def project(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """x (N, T, E) -> q (N, T, H, D), k and v heads-first (N, H, T, D)."""
+        qkv = self.qkv(x)  # (N, T, 3, H, D)
+        return qkv[:, :, 0], heads_first(qkv[:, :, 1]), heads_first(qkv[:, :, 2])
 
 
 class CrossAttention(nnx.Module):
@@ -234,7 +238,7 @@ class GPT2(nnx.Module):
     def init_cache(self, rows: int, max_len: int) -> list[KV]:
         """An empty self-attention cache: per layer, keys and values of shape (N, H, S, D) with
         S = max_len."""
-        shape = (rows, self.cfg.n_head, max_len, self.cfg.head_dim)
+        shape = (rows, self.cfg.num_heads, max_len, self.cfg.head_dim)
         zeros = jnp.zeros(shape, self.compute_dtype)
         return [(zeros, zeros) for _ in self.blocks]
 
@@ -258,18 +262,27 @@ class GPT2(nnx.Module):
         are written into it and attend to all of it, and the updated cache is returned.
         """
         x, new_cache, _ = self._blocks(ids, image, mask, rngs, cross_kv, cache, start)
-        wte = self.wte[...]
-        x = self.ln_f(x)
-        # Logits come out in float32 whatever the compute dtype: the loss and the search's
-        # log-softmax want them there, and the matmul accumulates in float32 anyway.
-        if self.lm_head is not None:
-            logits = contract(x, self.lm_head.kernel[...], 1, x.dtype)
-        else:  # tied: the embedding table is the output projection
-            logits = jnp.einsum(
-                "nte,ve->ntv", x, wte.astype(x.dtype), preferred_element_type=jnp.float32
-            )
-        logits = constrain(logits, ("batch", "seq", "act_vocab"))
+        logits = constrain(self.head(x), ("batch", "seq", "act_vocab"))
         return logits, (None if cache is None else new_cache)
+
+    def head(self, x: jax.Array) -> jax.Array:
+        """The last block's output (N, T, E) -> logits (N, T, V): ln_f, then the projection."""
+        return self.project_out(self.ln_f(x))
+
+    def project_out(self, x: jax.Array) -> jax.Array:
+        """x (N, T, E) -> logits (N, T, V) float32 whatever the compute dtype: the loss and the
+        search's log-softmax want them there, and the matmul accumulates in float32 anyway."""
+        if self.lm_head is not None:
+            return contract(x, self.lm_head.kernel[...], 1, x.dtype)
+        # tied: the embedding table is the output projection
+        wte = self.wte[...].astype(x.dtype)
+        return jnp.einsum("nte,ve->ntv", x, wte, preferred_element_type=jnp.float32)
+
+    def embed(self, ids: jax.Array, start: jax.Array | int, rngs: nnx.Rngs | None) -> jax.Array:
+        """ids (N, T) at positions start.. -> (N, T, E): token + position embeddings."""
+        positions = start + jnp.arange(ids.shape[1])
+        x = jnp.take(self.wte[...], ids, axis=0) + jnp.take(self.wpe[...], positions, axis=0)
+        return dropout(x.astype(self.compute_dtype), self.cfg.embd_pdrop, rngs)
 
     def cross_attention_weights(
         self,
@@ -296,13 +309,9 @@ class GPT2(nnx.Module):
         """The embeddings and every block: (x (N, T, E) before ln_f, each layer's output, and
         with `record` what each layer recorded)."""
         t = ids.shape[1]
-        positions = start + jnp.arange(t)
-        if cache is None and t > self.cfg.n_positions:
-            raise ValueError(f"{t} decoder tokens exceed n_positions={self.cfg.n_positions}")
-        wte = self.wte[...]
-        x = jnp.take(wte, ids, axis=0) + jnp.take(self.wpe[...], positions, axis=0)  # (N, T, E)
-        x = dropout(x.astype(self.compute_dtype), self.cfg.embd_pdrop, rngs)
-        x = constrain(x, ("batch", "seq", "act_embed"))
+        if cache is None and t > self.cfg.max_positions:
+            raise ValueError(f"{t} decoder tokens exceed the {self.cfg.max_positions} positions")
+        x = constrain(self.embed(ids, start, rngs), ("batch", "seq", "act_embed"))  # (N, T, E)
         attend = Mask(causal=True, start=start, keys=mask)  # mask (N, S): the real tokens
         if cross_kv is None:
             image = image.astype(self.compute_dtype)

@@ -31,6 +31,7 @@ TOKENIZER_FILES = (
     "special_tokens_map.json",
     "vocab.json",
     "merges.txt",
+    "vocab.txt",  # BERT's WordPiece
     "added_tokens.json",
 )
 AUX_FILES = (*TOKENIZER_FILES, "preprocessor_config.json")  # travel with the weights

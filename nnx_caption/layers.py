@@ -360,13 +360,16 @@ class MLP(nnx.Module):
         param_dtype: jnp.dtype,
         init_std: float = 0.02,
         proj_std: float = 0.02,
+        dropout_rate: float = 0.0,  # on the activations (TrOCR's activation_dropout)
         rngs: nnx.Rngs,
     ):
         kw = dict(dtype=dtype, param_dtype=param_dtype, lora_target=True, rngs=rngs)
         self.fc = Dense(dim, hidden, ("embed", "mlp"), init_std=init_std, **kw)
         self.proj = Dense(hidden, dim, ("mlp", "embed"), init_std=proj_std, **kw)
         self.activation = activation
+        self.dropout_rate = dropout_rate
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
         h = ACTIVATIONS[self.activation](self.fc(x))  # (..., F)
+        h = dropout(h, self.dropout_rate, rngs)
         return self.proj(constrain(h, ("batch", "seq", "act_mlp")))  # (..., E)

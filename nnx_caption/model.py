@@ -1,5 +1,5 @@
-"""VisionEncoderDecoder: the encoder (ViT or DeiT), an optional width projection, the GPT-2
-decoder.
+"""VisionEncoderDecoder: the encoder (ViT or DeiT), an optional width projection, the decoder
+(GPT-2 or TrOCR).
 
 An edited architecture subclasses it (or replaces it) with the same constructor signature,
 `(config, *, dtype, param_dtype, rngs)`; `encoder_cls` / `decoder_cls` (and the `block_cls` of
@@ -12,19 +12,22 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from nnx_caption.config import CaptionConfig, DeiTConfig, ViTConfig
+from nnx_caption.config import CaptionConfig, DeiTConfig, GPT2Config, TrOCRConfig, ViTConfig
 from nnx_caption.deit import DeiT
 from nnx_caption.gpt2 import GPT2
 from nnx_caption.layers import Dense
+from nnx_caption.trocr import TrOCR
 from nnx_caption.vit import ViT
 
-# Each encoder family's config class -> its module.
+# Each family's config class -> its module.
 ENCODERS: dict[type, type[nnx.Module]] = {ViTConfig: ViT, DeiTConfig: DeiT}
+DECODERS: dict[type, type[nnx.Module]] = {GPT2Config: GPT2, TrOCRConfig: TrOCR}
 
 
 class VisionEncoderDecoder(nnx.Module):
-    encoder_cls: type[nnx.Module] | None = None  # None: the config's family (ENCODERS)
-    decoder_cls = GPT2
+    # None: the config's family (ENCODERS, DECODERS); a subclass names its own module here.
+    encoder_cls: type[nnx.Module] | None = None
+    decoder_cls: type[nnx.Module] | None = None
 
     def __init__(
         self,
@@ -40,13 +43,14 @@ class VisionEncoderDecoder(nnx.Module):
         self.config = config
         encoder_cls = self.encoder_cls or ENCODERS[type(config.encoder)]
         self.encoder = encoder_cls(config.encoder, execution=config.execution, **kw)
-        e, d = config.encoder.hidden_size, config.decoder.n_embd
+        e, d = config.encoder.hidden_size, config.decoder.width
         self.enc_to_dec_proj = (  # initialised from the decoder's initializer_range, as HF does
-            Dense(e, d, (None, "embed"), init_std=config.decoder.initializer_range, **kw)
+            Dense(e, d, (None, "embed"), init_std=config.decoder.init_std, **kw)
             if config.needs_enc_to_dec_proj
             else None
         )
-        self.decoder = self.decoder_cls(config.decoder, execution=config.execution, **kw)
+        decoder_cls = self.decoder_cls or DECODERS[type(config.decoder)]
+        self.decoder = decoder_cls(config.decoder, execution=config.execution, **kw)
 
     def encode(self, pixel_values: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
         """(B, height, width, C) normalised images -> (B, S, E) states the decoder attends to."""

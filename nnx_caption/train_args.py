@@ -146,7 +146,7 @@ def check_args(a: TrainArgs) -> None:
 def check_lengths(a: TrainArgs, config: CaptionConfig) -> None:
     """Caption lengths the model's decoder can hold: its positions bound both the training
     targets and the generated captions (whose max_length counts the start token)."""
-    positions = config.decoder.n_positions
+    positions = config.decoder.max_positions
     for name in ("max_target_length", "val_max_target_length"):
         value = getattr(a, name)
         if value is not None and value > positions:

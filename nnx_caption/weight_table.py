@@ -1,5 +1,5 @@
 """The weight tables: every Hugging Face tensor name of a VisionEncoderDecoderModel, one table
-per family (ViT, DeiT; GPT-2), against the NNX parameter path that holds it, with the
+per family (ViT, DeiT; GPT-2, TrOCR), against the NNX parameter path that holds it, with the
 transform between their layouts.
 `{i}` stands for a layer index. The same table drives loading (HF -> NNX) and saving (NNX ->
 HF); a parameter the table does not name is an error on load unless it is declared new
@@ -141,11 +141,58 @@ GPT2: list[Row] = [
     ("decoder.transformer.ln_f.bias", "decoder.ln_f.bias", IDENTITY),
     ("decoder.lm_head.weight", "decoder.lm_head.kernel", linear(1)),  # untied heads only
 ]
+_TR = "decoder.model.decoder.layers.{i}."
+_TR_ATTENTION = [  # (HF module, NNX module): self- and cross-attention alike
+    (f"{hf}.{p}_proj.", f"{nnx_}.{q}.")
+    for hf, nnx_ in (("self_attn", "attn"), ("encoder_attn", "cross"))
+    for p, q in (("q", "q"), ("k", "k"), ("v", "v"), ("out", "o"))
+]
+TROCR: list[Row] = [
+    ("decoder.model.decoder.embed_tokens.weight", "decoder.wte", IDENTITY),
+    ("decoder.model.decoder.embed_positions.weight", "decoder.wpe", IDENTITY),  # learned only
+    ("decoder.model.decoder.layernorm_embedding.weight", "decoder.ln_embedding.scale", IDENTITY),
+    ("decoder.model.decoder.layernorm_embedding.bias", "decoder.ln_embedding.bias", IDENTITY),
+    *[
+        row
+        for hf, nnx_ in _TR_ATTENTION
+        for row in (
+            (
+                _TR + hf + "weight",
+                "decoder.blocks.{i}." + nnx_ + "kernel",
+                linear(2) if nnx_.endswith(".o.") else linear(1),
+            ),
+            (
+                _TR + hf + "bias",
+                "decoder.blocks.{i}." + nnx_ + "bias",
+                IDENTITY if nnx_.endswith(".o.") else FLAT,
+            ),
+        )
+    ],  # fmt: skip
+    *[
+        (_TR + f"{hf}.{w}", f"decoder.blocks.{{i}}.{nnx_}.{n}", IDENTITY)
+        for hf, nnx_ in (
+            ("self_attn_layer_norm", "ln_1"),
+            ("encoder_attn_layer_norm", "ln_cross"),
+            ("final_layer_norm", "ln_2"),
+        )
+        for w, n in (("weight", "scale"), ("bias", "bias"))
+    ],
+    (_TR + "fc1.weight", "decoder.blocks.{i}.mlp.fc.kernel", linear(1)),
+    (_TR + "fc1.bias", "decoder.blocks.{i}.mlp.fc.bias", IDENTITY),
+    (_TR + "fc2.weight", "decoder.blocks.{i}.mlp.proj.kernel", linear(1)),
+    (_TR + "fc2.bias", "decoder.blocks.{i}.mlp.proj.bias", IDENTITY),
+    ("decoder.output_projection.weight", "decoder.lm_head.kernel", linear(1)),  # untied only
+]
 ENCODER_TABLES = {"vit": VIT, "deit": DEIT}
-DECODER_TABLES = {"gpt2": GPT2}
+DECODER_TABLES = {"gpt2": GPT2, "trocr": TROCR}  # each ends with its untied head's row
 TABLE = VIT + BRIDGE + GPT2  # ViT + GPT-2, the first family pairing
-# Tied heads: lm_head *is* wte, so a checkpoint that stores only lm_head still loads.
-TIED_HEAD = ("decoder.lm_head.weight", "decoder.wte", IDENTITY)
+
+
+def tied_head(decoder_rows: list[Row]) -> Row:
+    """A tied head *is* the token embedding: its HF name maps onto wte, so a checkpoint that
+    stores only the head still loads."""
+    return (decoder_rows[-1][0], "decoder.wte", IDENTITY)
+
 
 # Legacy buffers (causal-mask constants of old GPT-2 exports) and the encoder's unused pooler.
 IGNORED = re.compile(
@@ -162,9 +209,9 @@ class WeightMap:
     """The table, compiled for one config (tied or untied head), in both directions."""
 
     def __init__(self, config: CaptionConfig):
-        decoder = DECODER_TABLES["gpt2"]
+        decoder = DECODER_TABLES[config.decoder.model_type]
         rows = ENCODER_TABLES[config.encoder.model_type] + BRIDGE + decoder[:-1]
-        rows.append(TIED_HEAD if config.decoder.tie_word_embeddings else decoder[-1])
+        rows.append(tied_head(decoder) if config.decoder.tie_word_embeddings else decoder[-1])
         self.rows = [(_compile(hf), _compile(nnx_), hf, nnx_, t) for hf, nnx_, t in rows]
 
     def to_nnx(self, hf_name: str) -> tuple[str, Transform] | None:

@@ -6,22 +6,23 @@ import numpy as np
 
 
 def build_hf_model(encoder: dict, decoder: dict, *, seed: int = 0, scale: float = 1.0, **top):
-    """A random transformers VisionEncoderDecoderModel (ViT + GPT-2, or the encoder family
-    that `encoder["model_type"]` names) in eval mode.
+    """A random transformers VisionEncoderDecoderModel (ViT + GPT-2, or the families that
+    `encoder["model_type"]` and `decoder["model_type"]` name) in eval mode.
 
     `scale` multiplies every weight after init so random logits are not near-uniform.
     """
     import torch
     from transformers import (
         AutoConfig,
-        GPT2Config,
         VisionEncoderDecoderConfig,
         VisionEncoderDecoderModel,
     )
 
-    encoder = dict(encoder)
+    encoder, decoder = dict(encoder), dict(decoder)
     enc = AutoConfig.for_model(encoder.pop("model_type", "vit"), **encoder)
-    dec = GPT2Config(add_cross_attention=True, is_decoder=True, **decoder)
+    dec = AutoConfig.for_model(
+        decoder.pop("model_type", "gpt2"), add_cross_attention=True, is_decoder=True, **decoder
+    )
     config = VisionEncoderDecoderConfig.from_encoder_decoder_configs(enc, dec)
     config.decoder_start_token_id = top.pop("decoder_start_token_id", dec.bos_token_id)
     config.pad_token_id = top.pop("pad_token_id", dec.eos_token_id)

@@ -2,7 +2,8 @@
 test time: logits, greedy and beam tokens and beam scores, generation defaults read from the
 checkpoint, and save_pretrained -> transformers with the same logits.
 
-Pairings: DeiT + GPT-2 (DeiT is TrOCR-small's encoder: a ViT with a distillation token)."""
+Pairings: DeiT + GPT-2 (DeiT is TrOCR-small's encoder: a ViT with a distillation token),
+DeiT + TrOCR shaped like trocr-small, ViT + a sinusoidal TrOCR."""
 
 from __future__ import annotations
 
@@ -17,7 +18,39 @@ import nnx_caption as nc
 
 # The ViT + GPT-2 shapes of reference.CONFIGS, with each pairing's families.
 ENC, DEC = CONFIGS["proj_gelu"]
-PAIRINGS = {"deit_gpt2": (dict(ENC, model_type="deit"), DEC)}
+# TrOCR shaped like trocr-small (widths differ, cross-attention reads the encoder's width,
+# learned positions, layernorm_embedding, scale_embedding, relu, untied) and like the
+# sinusoidal trocr-large / stage1 models (no layernorm_embedding, gelu, pad 1 inside rows).
+TROCR_SMALL = dict(
+    model_type="trocr", vocab_size=90, d_model=24, decoder_layers=2, decoder_attention_heads=4,
+    decoder_ffn_dim=40, activation_function="relu", max_position_embeddings=24,
+    cross_attention_hidden_size=ENC["hidden_size"], scale_embedding=True, layernorm_embedding=True,
+    use_learned_position_embeddings=True, tie_word_embeddings=False, pad_token_id=1,
+    bos_token_id=0, eos_token_id=2, dropout=0.1,
+)  # fmt: skip
+TROCR_SINUSOIDAL = dict(
+    TROCR_SMALL, d_model=ENC["hidden_size"], activation_function="gelu",
+    use_learned_position_embeddings=False, layernorm_embedding=False,
+    cross_attention_hidden_size=None, tie_word_embeddings=True,
+)  # fmt: skip
+PAIRINGS = {
+    "deit_gpt2": (dict(ENC, model_type="deit"), DEC),
+    "deit_trocr_small": (dict(ENC, model_type="deit"), TROCR_SMALL),
+    "vit_trocr_sinusoidal": (ENC, TROCR_SINUSOIDAL),
+}
+START = {"deit_gpt2": None, "deit_trocr_small": 2, "vit_trocr_sinusoidal": 2}
+
+
+def load_reference(path) -> VisionEncoderDecoderModel:
+    model = VisionEncoderDecoderModel.from_pretrained(path, attn_implementation="eager").eval()
+    if model.config.decoder.model_type == "trocr":
+        # transformers 5 loads TrOCR's sinusoid table (a plain attribute, not a buffer) on the
+        # meta device: build it as TrOCRDecoder's constructor does.
+        positions, cfg = model.decoder.model.decoder.embed_positions, model.config.decoder
+        if not cfg.use_learned_position_embeddings:
+            rows = cfg.max_position_embeddings + cfg.pad_token_id + 1
+            positions.weights = positions.get_embedding(rows, cfg.d_model, cfg.pad_token_id)
+    return model
 
 
 @pytest.fixture(scope="module", params=list(PAIRINGS))
@@ -25,7 +58,9 @@ def pairing(request, tmp_path_factory):
     """(encoder dict, decoder dict, transformers model, its folder) of one pairing, its
     generation defaults in config.json (no generation_config.json, as older hub repos)."""
     enc, dec = PAIRINGS[request.param]
-    ref = build_hf_model(enc, dec, scale=3.0, pad_token_id=0)
+    pad = dec.get("pad_token_id", 0)
+    start = START[request.param] or dec["bos_token_id"]
+    ref = build_hf_model(enc, dec, scale=3.0, pad_token_id=pad, decoder_start_token_id=start)
     path = tmp_path_factory.mktemp(request.param)
     ref.save_pretrained(path)
     (path / "generation_config.json").unlink(missing_ok=True)
@@ -34,13 +69,14 @@ def pairing(request, tmp_path_factory):
     config = json.loads((path / "config.json").read_text())
     config.update(num_beams=3, max_length=9, length_penalty=2.0)
     (path / "config.json").write_text(json.dumps(config))
-    ref = VisionEncoderDecoderModel.from_pretrained(path, attn_implementation="eager").eval()
+    ref = load_reference(path)
     return enc, dec, ref, path
 
 
 def test_logits_and_encoder_states_match_transformers(pairing):
     enc, dec, ref, path = pairing
     pixels, ids, mask = make_inputs(enc, dec)
+    ids[0, 2:4] = dec.get("pad_token_id", 0)  # pad tokens inside a row (sinusoidal positions)
     want = torch_forward(ref, pixels, ids, mask)
     model = nc.from_pretrained(path)
     states = model.encoder(jnp.asarray(pixels))
@@ -80,10 +116,11 @@ def test_generated_tokens_and_beam_scores_match_transformers(pairing, settings):
 def test_save_pretrained_loads_in_transformers_with_the_same_logits(pairing, tmp_path):
     enc, dec, ref, path = pairing
     nc.save_pretrained(nc.from_pretrained(path), tmp_path / "out")
-    back, info = VisionEncoderDecoderModel.from_pretrained(
+    _, info = VisionEncoderDecoderModel.from_pretrained(
         tmp_path / "out", attn_implementation="eager", output_loading_info=True
     )
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    back = load_reference(tmp_path / "out")
     assert type(back.encoder).__name__ == type(ref.encoder).__name__
     pixels, ids, mask = make_inputs(enc, dec)
     np.testing.assert_array_equal(

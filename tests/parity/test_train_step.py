@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
+from parity.test_families import TROCR_SMALL
 from reference import CONFIGS, build_hf_model
 
 import nnx_caption as nc
@@ -47,8 +48,9 @@ def batch(enc, dec, n=4, t=6, seed=0):
 
 def no_dropout(enc, dec):
     enc = dict(enc, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    dec = dict(dec, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    return enc, dec
+    if dec.get("model_type") == "trocr":
+        return enc, dict(dec, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)
+    return enc, dict(dec, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
 
 
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
@@ -65,15 +67,16 @@ def test_loss_equals_hf_script(smoothing):
 
 
 @pytest.mark.parametrize(
-    "accumulate, per_image, encoder",
-    [(1, 1, "vit"), (2, 1, "vit"), (2, 2, "vit"), (1, 1, "deit")],
-    ids=["plain", "accumulate", "grouped", "deit"],
-)
-def test_adamw_steps_equal_torch(tmp_path, accumulate, per_image, encoder):
+    "accumulate, per_image, encoder, decoder",
+    [(1, 1, "vit", None), (2, 1, "vit", None), (2, 2, "vit", None), (1, 1, "deit", None),
+     (1, 1, "deit", TROCR_SMALL)],
+    ids=["plain", "accumulate", "grouped", "deit", "deit_trocr"],
+)  # fmt: skip
+def test_adamw_steps_equal_torch(tmp_path, accumulate, per_image, encoder, decoder):
     """per_image 2: two images with two captions each, each image encoded once (and split
     over the micro-batches with its captions); torch sees each image repeated per caption."""
-    enc, dec = no_dropout(*CONFIGS["proj_gelu"])
-    enc = dict(enc, model_type=encoder)
+    enc, dec = CONFIGS["proj_gelu"]
+    enc, dec = no_dropout(dict(enc, model_type=encoder), decoder or dec)
     ref = build_hf_model(enc, dec, scale=2.0)
     ref.save_pretrained(tmp_path)
     model = nc.from_pretrained(tmp_path)
@@ -94,7 +97,7 @@ def test_adamw_steps_equal_torch(tmp_path, accumulate, per_image, encoder):
     params = dict(ref.named_parameters())
 
     def no_decay(n):
-        return n.endswith("bias") or "layernorm" in n or ".ln_" in n
+        return n.endswith("bias") or "layernorm" in n or "layer_norm" in n or ".ln_" in n
 
     decayed = [params[n] for n in sorted(names) if not no_decay(n)]
     plain = [params[n] for n in sorted(names) if no_decay(n)]
