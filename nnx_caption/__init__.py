@@ -2,6 +2,7 @@
 
 from nnx_caption.compose import from_encoder_decoder_pretrained
 from nnx_caption.config import (
+    BertConfig,
     CaptionConfig,
     ConfigError,
     DeiTConfig,
@@ -31,6 +32,7 @@ __all__ = [
     "ViTConfig",
     "DeiTConfig",
     "TrOCRConfig",
+    "BertConfig",
     "VisionEncoderDecoder",
     "LoadReport",
     "caption_metrics",

@@ -142,8 +142,45 @@ class TrOCRConfig:
     inner_size = property(lambda self: self.decoder_ffn_dim)
 
 
+@dataclass(frozen=True)
+class BertConfig:
+    """transformers' BertConfig, as BertLMHeadModel uses it as a decoder (is_decoder,
+    add_cross_attention): post-LN blocks, absolute positions, token types (bert.py)."""
+
+    model_type: ClassVar[str] = "bert"
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    initializer_range: float = 0.02
+    layer_norm_eps: float = 1e-12
+    position_embedding_type: str = "absolute"
+    tie_word_embeddings: bool = True
+    pad_token_id: int | None = 0
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    width_and_heads_fields: ClassVar[tuple[str, str]] = ("hidden_size", "num_attention_heads")
+    width = property(lambda self: self.hidden_size)
+    num_layers = property(lambda self: self.num_hidden_layers)
+    num_heads = property(lambda self: self.num_attention_heads)
+    max_positions = property(lambda self: self.max_position_embeddings)
+    init_std = property(lambda self: self.initializer_range)
+    inner_size = property(lambda self: self.intermediate_size)
+
+
 # config.json's decoder.model_type -> its config class (model.DECODERS: its module).
-DECODER_CONFIGS = {c.model_type: c for c in (GPT2Config, TrOCRConfig)}
+DECODER_CONFIGS = {c.model_type: c for c in (GPT2Config, TrOCRConfig, BertConfig)}
 
 
 @dataclass(frozen=True)
@@ -200,7 +237,7 @@ class CaptionConfig:
                     + " or ".join(map(repr, known))
                 )
         enc, dec = hf["encoder"], hf["decoder"]
-        if dec.get("add_cross_attention") is False and dec["model_type"] == "gpt2":
+        if dec.get("add_cross_attention") is False and dec["model_type"] in ("gpt2", "bert"):
             raise ConfigError("decoder.add_cross_attention is false: the decoder must cross-attend")
         if dec.get("cross_attention_hidden_size") not in (None, enc.get("hidden_size")):
             raise ConfigError("decoder.cross_attention_hidden_size must equal encoder.hidden_size")
@@ -267,10 +304,16 @@ class CaptionConfig:
         for ok, what in checks:
             if not ok:
                 raise ConfigError(f"{what} must be 0")
+        act_field = "hidden_act" if d.model_type == "bert" else "activation_function"
         acts = (
             ("encoder.hidden_act", e.hidden_act),
-            ("decoder.activation_function", d.activation_function),
+            (f"decoder.{act_field}", getattr(d, act_field)),
         )
+        if getattr(d, "position_embedding_type", "absolute") != "absolute":
+            raise ConfigError(
+                f"decoder.position_embedding_type is {d.position_embedding_type!r}: only "
+                "'absolute' is built"
+            )
         for name, act in acts:
             if act not in ACTIVATIONS:
                 raise ConfigError(f"{name} {act!r} is not one of {sorted(ACTIVATIONS)}")

@@ -1,5 +1,5 @@
 """VisionEncoderDecoder: the encoder (ViT or DeiT), an optional width projection, the decoder
-(GPT-2 or TrOCR).
+(GPT-2, TrOCR or BERT).
 
 An edited architecture subclasses it (or replaces it) with the same constructor signature,
 `(config, *, dtype, param_dtype, rngs)`; `encoder_cls` / `decoder_cls` (and the `block_cls` of
@@ -12,7 +12,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from nnx_caption.config import CaptionConfig, DeiTConfig, GPT2Config, TrOCRConfig, ViTConfig
+from nnx_caption.bert import Bert
+from nnx_caption.config import (
+    BertConfig,
+    CaptionConfig,
+    DeiTConfig,
+    GPT2Config,
+    TrOCRConfig,
+    ViTConfig,
+)
 from nnx_caption.deit import DeiT
 from nnx_caption.gpt2 import GPT2
 from nnx_caption.layers import Dense
@@ -21,7 +29,7 @@ from nnx_caption.vit import ViT
 
 # Each family's config class -> its module.
 ENCODERS: dict[type, type[nnx.Module]] = {ViTConfig: ViT, DeiTConfig: DeiT}
-DECODERS: dict[type, type[nnx.Module]] = {GPT2Config: GPT2, TrOCRConfig: TrOCR}
+DECODERS: dict[type, type[nnx.Module]] = {GPT2Config: GPT2, TrOCRConfig: TrOCR, BertConfig: Bert}
 
 
 class VisionEncoderDecoder(nnx.Module):

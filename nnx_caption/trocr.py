@@ -45,23 +45,24 @@ def sinusoids(rows: int, width: int, pad: int) -> np.ndarray:
     return table
 
 
-def _projection(cfg: TrOCRConfig, in_dim: int, **kw) -> Dense:
-    """One head-structured nn.Linear (with bias), e -> (H, D)."""
-    h, d = cfg.decoder_attention_heads, cfg.head_dim
+def _projection(cfg: Any, in_dim: int, **kw) -> Dense:
+    """One head-structured nn.Linear (with bias), in_dim -> (H, D)."""
+    h, d = cfg.num_heads, cfg.head_dim
     return Dense(in_dim, (h, d), ("embed", "heads", "kv"), init_std=cfg.init_std, **kw)
 
 
 class TrOCRSelfAttention(SelfAttention):
-    """GPT-2's self-attention (cache included) over separate q, k, v projections."""
+    """GPT-2's self-attention (cache included) over separate q, k, v projections (BERT's
+    too: any decoder config's width, heads and init_std)."""
 
-    def __init__(self, cfg: TrOCRConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
-        e, h, d = cfg.d_model, cfg.decoder_attention_heads, cfg.head_dim
+    def __init__(self, cfg: Any, *, dropout_rate: float, dtype, param_dtype, rngs: nnx.Rngs):
+        e, h, d = cfg.width, cfg.num_heads, cfg.head_dim
         kw = dict(dtype=dtype, param_dtype=param_dtype, lora_target=True, rngs=rngs)
         self.q, self.k, self.v = (_projection(cfg, e, **kw) for _ in range(3))
         self.o = Dense((h, d), e, ("heads", "kv", "embed"), init_std=cfg.init_std, **kw)
         self.scale = Scale(d**-0.5, by_layer=False)
         self.upcast = False
-        self.dropout_rate = cfg.attention_dropout
+        self.dropout_rate = dropout_rate
 
     def project(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """x (N, T, E) -> q (N, T, H, D), k and v heads-first (N, H, T, D)."""
@@ -72,16 +73,16 @@ class TrOCRCrossAttention(CrossAttention):
     """GPT-2's cross-attention over separate projections; keys and values read the encoder's
     width where `cross_attention_hidden_size` is set (no enc_to_dec_proj then)."""
 
-    def __init__(self, cfg: TrOCRConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
-        e, h, d = cfg.d_model, cfg.decoder_attention_heads, cfg.head_dim
-        states = cfg.cross_attention_hidden_size or e
+    def __init__(self, cfg: Any, *, dropout_rate: float, dtype, param_dtype, rngs: nnx.Rngs):
+        e, h, d = cfg.width, cfg.num_heads, cfg.head_dim
+        states = getattr(cfg, "cross_attention_hidden_size", None) or e
         kw = dict(dtype=dtype, param_dtype=param_dtype, lora_target=True, rngs=rngs)
         self.q = _projection(cfg, e, **kw)
         self.k, self.v = _projection(cfg, states, **kw), _projection(cfg, states, **kw)
         self.o = Dense((h, d), e, ("heads", "kv", "embed"), init_std=cfg.init_std, **kw)
         self.scale = Scale(d**-0.5, by_layer=False)
         self.upcast = False
-        self.dropout_rate = cfg.attention_dropout
+        self.dropout_rate = dropout_rate
 
     def image_kv(self, image: jax.Array) -> KV:
         """image (B, S, E') encoder states -> their keys and values, once per image."""
@@ -92,23 +93,36 @@ class TrOCRBlock(GPT2Block):
     """Post-LN, where GPT-2's block is pre-LN; the same call (and image_kv) otherwise."""
 
     def __init__(self, cfg: TrOCRConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        e = cfg.d_model
-        self.attn = TrOCRSelfAttention(cfg, **kw)
-        self.ln_1 = LayerNorm(e, LAYER_NORM_EPS, param_dtype=param_dtype)
-        self.cross = TrOCRCrossAttention(cfg, **kw)
-        self.ln_cross = LayerNorm(e, LAYER_NORM_EPS, param_dtype=param_dtype)
-        self.mlp = MLP(
-            e,
-            cfg.decoder_ffn_dim,
-            cfg.activation_function,
-            init_std=cfg.init_std,
-            proj_std=cfg.init_std,
-            dropout_rate=cfg.activation_dropout,
-            **kw,
+        self.build(
+            cfg,
+            eps=LAYER_NORM_EPS,
+            activation=cfg.activation_function,
+            dropout_rate=cfg.dropout,
+            attention_dropout=cfg.attention_dropout,
+            activation_dropout=cfg.activation_dropout,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
         )
-        self.ln_2 = LayerNorm(e, LAYER_NORM_EPS, param_dtype=param_dtype)
-        self.dropout_rate = cfg.dropout
+
+    def build(
+        self, cfg: Any, *, eps, activation, dropout_rate, attention_dropout, activation_dropout,
+        dtype, param_dtype, rngs,
+    ) -> None:  # fmt: skip
+        """The post-LN block's modules, from a decoder config and its family's constants."""
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        e = cfg.width
+        self.attn = TrOCRSelfAttention(cfg, dropout_rate=attention_dropout, **kw)
+        self.ln_1 = LayerNorm(e, eps, param_dtype=param_dtype)
+        self.cross = TrOCRCrossAttention(cfg, dropout_rate=attention_dropout, **kw)
+        self.ln_cross = LayerNorm(e, eps, param_dtype=param_dtype)
+        std = cfg.init_std
+        self.mlp = MLP(
+            e, cfg.inner_size, activation, init_std=std, proj_std=std,
+            dropout_rate=activation_dropout, **kw,
+        )  # fmt: skip
+        self.ln_2 = LayerNorm(e, eps, param_dtype=param_dtype)
+        self.dropout_rate = dropout_rate
 
     def __call__(
         self,

@@ -1,5 +1,5 @@
 """The weight tables: every Hugging Face tensor name of a VisionEncoderDecoderModel, one table
-per family (ViT, DeiT; GPT-2, TrOCR), against the NNX parameter path that holds it, with the
+per family (ViT, DeiT; GPT-2, TrOCR, BERT), against the NNX parameter path that holds it, with the
 transform between their layouts.
 `{i}` stands for a layer index. The same table drives loading (HF -> NNX) and saving (NNX ->
 HF); a parameter the table does not name is an error on load unless it is declared new
@@ -183,8 +183,49 @@ TROCR: list[Row] = [
     (_TR + "fc2.bias", "decoder.blocks.{i}.mlp.proj.bias", IDENTITY),
     ("decoder.output_projection.weight", "decoder.lm_head.kernel", linear(1)),  # untied only
 ]
+_BE = "decoder.bert.encoder.layer.{i}."
+BERT: list[Row] = [
+    ("decoder.bert.embeddings.word_embeddings.weight", "decoder.wte", IDENTITY),
+    ("decoder.bert.embeddings.position_embeddings.weight", "decoder.wpe", IDENTITY),
+    ("decoder.bert.embeddings.token_type_embeddings.weight", "decoder.token_type", IDENTITY),
+    ("decoder.bert.embeddings.LayerNorm.weight", "decoder.ln_embedding.scale", IDENTITY),
+    ("decoder.bert.embeddings.LayerNorm.bias", "decoder.ln_embedding.bias", IDENTITY),
+    *[
+        row
+        for hf, nnx_, ln in (("attention", "attn", "ln_1"), ("crossattention", "cross", "ln_cross"))
+        for row in (
+            *[
+                (_BE + f"{hf}.self.{p}.{w}", f"decoder.blocks.{{i}}.{nnx_}.{q}.{n}", t)
+                for p, q in (("query", "q"), ("key", "k"), ("value", "v"))
+                for w, n, t in (("weight", "kernel", linear(1)), ("bias", "bias", FLAT))
+            ],
+            (_BE + f"{hf}.output.dense.weight", f"decoder.blocks.{{i}}.{nnx_}.o.kernel", linear(2)),
+            (_BE + f"{hf}.output.dense.bias", f"decoder.blocks.{{i}}.{nnx_}.o.bias", IDENTITY),
+            (_BE + f"{hf}.output.LayerNorm.weight", f"decoder.blocks.{{i}}.{ln}.scale", IDENTITY),
+            (_BE + f"{hf}.output.LayerNorm.bias", f"decoder.blocks.{{i}}.{ln}.bias", IDENTITY),
+        )
+    ],
+    (_BE + "intermediate.dense.weight", "decoder.blocks.{i}.mlp.fc.kernel", linear(1)),
+    (_BE + "intermediate.dense.bias", "decoder.blocks.{i}.mlp.fc.bias", IDENTITY),
+    (_BE + "output.dense.weight", "decoder.blocks.{i}.mlp.proj.kernel", linear(1)),
+    (_BE + "output.dense.bias", "decoder.blocks.{i}.mlp.proj.bias", IDENTITY),
+    (_BE + "output.LayerNorm.weight", "decoder.blocks.{i}.ln_2.scale", IDENTITY),
+    (_BE + "output.LayerNorm.bias", "decoder.blocks.{i}.ln_2.bias", IDENTITY),
+    ("decoder.cls.predictions.transform.dense.weight", "decoder.head_dense.kernel", linear(1)),
+    ("decoder.cls.predictions.transform.dense.bias", "decoder.head_dense.bias", IDENTITY),
+    ("decoder.cls.predictions.transform.LayerNorm.weight", "decoder.head_ln.scale", IDENTITY),
+    ("decoder.cls.predictions.transform.LayerNorm.bias", "decoder.head_ln.bias", IDENTITY),
+    ("decoder.cls.predictions.bias", "decoder.head_bias", IDENTITY),
+    # Older exports (manga-ocr's pytorch_model.bin) also store the bias under the projection.
+    ("decoder.cls.predictions.decoder.bias", "decoder.head_bias", IDENTITY),
+    ("decoder.cls.predictions.decoder.weight", "decoder.lm_head.kernel", linear(1)),  # untied
+]
 ENCODER_TABLES = {"vit": VIT, "deit": DEIT}
-DECODER_TABLES = {"gpt2": GPT2, "trocr": TROCR}  # each ends with its untied head's row
+DECODER_TABLES = {
+    "gpt2": GPT2,
+    "trocr": TROCR,
+    "bert": BERT,
+}  # each ends with its untied head's row
 TABLE = VIT + BRIDGE + GPT2  # ViT + GPT-2, the first family pairing
 
 
@@ -194,9 +235,10 @@ def tied_head(decoder_rows: list[Row]) -> Row:
     return (decoder_rows[-1][0], "decoder.wte", IDENTITY)
 
 
-# Legacy buffers (causal-mask constants of old GPT-2 exports) and the encoder's unused pooler.
+# Legacy buffers (old GPT-2 and BERT exports) and the encoder's unused pooler.
 IGNORED = re.compile(
     r"decoder\.transformer\.h\.\d+\.(attn|crossattention)\.(bias|masked_bias)"
+    r"|decoder\.bert\.embeddings\.position_ids"  # a buffer older BERT exports store
     r"|encoder\.pooler\..*"
 )
 

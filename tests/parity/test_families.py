@@ -3,7 +3,8 @@ test time: logits, greedy and beam tokens and beam scores, generation defaults r
 checkpoint, and save_pretrained -> transformers with the same logits.
 
 Pairings: DeiT + GPT-2 (DeiT is TrOCR-small's encoder: a ViT with a distillation token),
-DeiT + TrOCR shaped like trocr-small, ViT + a sinusoidal TrOCR."""
+DeiT + TrOCR shaped like trocr-small, ViT + a sinusoidal TrOCR, ViT + BERT laid out like
+manga-ocr."""
 
 from __future__ import annotations
 
@@ -33,12 +34,24 @@ TROCR_SINUSOIDAL = dict(
     use_learned_position_embeddings=False, layernorm_embedding=False,
     cross_attention_hidden_size=None, tie_word_embeddings=True,
 )  # fmt: skip
+# A BertLMHeadModel laid out like manga-ocr-base's decoder (2 layers, tied, pad 0, start
+# [CLS] 2, eos [SEP] 3), widths differing from the encoder's (enc_to_dec_proj).
+BERT = dict(
+    model_type="bert", vocab_size=80, hidden_size=40, num_hidden_layers=2,
+    num_attention_heads=4, intermediate_size=56, max_position_embeddings=24, pad_token_id=0,
+)  # fmt: skip
 PAIRINGS = {
     "deit_gpt2": (dict(ENC, model_type="deit"), DEC),
     "deit_trocr_small": (dict(ENC, model_type="deit"), TROCR_SMALL),
     "vit_trocr_sinusoidal": (ENC, TROCR_SINUSOIDAL),
+    "vit_bert": (ENC, BERT),
 }
-START = {"deit_gpt2": None, "deit_trocr_small": 2, "vit_trocr_sinusoidal": 2}
+TOKENS = {  # the captioner's start and eos, where they are not the decoder's bos / eos
+    "deit_gpt2": {},
+    "deit_trocr_small": dict(decoder_start_token_id=2),
+    "vit_trocr_sinusoidal": dict(decoder_start_token_id=2),
+    "vit_bert": dict(decoder_start_token_id=2, eos_token_id=3),
+}
 
 
 def load_reference(path) -> VisionEncoderDecoderModel:
@@ -59,8 +72,7 @@ def pairing(request, tmp_path_factory):
     generation defaults in config.json (no generation_config.json, as older hub repos)."""
     enc, dec = PAIRINGS[request.param]
     pad = dec.get("pad_token_id", 0)
-    start = START[request.param] or dec["bos_token_id"]
-    ref = build_hf_model(enc, dec, scale=3.0, pad_token_id=pad, decoder_start_token_id=start)
+    ref = build_hf_model(enc, dec, scale=3.0, pad_token_id=pad, **TOKENS[request.param])
     path = tmp_path_factory.mktemp(request.param)
     ref.save_pretrained(path)
     (path / "generation_config.json").unlink(missing_ok=True)
@@ -68,6 +80,8 @@ def pairing(request, tmp_path_factory):
 
     config = json.loads((path / "config.json").read_text())
     config.update(num_beams=3, max_length=9, length_penalty=2.0)
+    if request.param == "vit_bert":  # manga-ocr's settings, in its config.json
+        config.update(no_repeat_ngram_size=3, early_stopping=True)
     (path / "config.json").write_text(json.dumps(config))
     ref = load_reference(path)
     return enc, dec, ref, path

@@ -6,23 +6,33 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
+from parity.test_families import BERT, TROCR_SMALL
 from reference import CONFIGS, build_hf_model, make_inputs, random_train_batches, torch_forward
 
 import nnx_caption as nc
 from nnx_caption.lora import add_lora, merge_lora
 from nnx_caption.train import TrainConfig, Trainer
 
+# (encoder, decoder, adapters): encoder q, k, v, o, fc, proj; GPT-2 qkv, o, cross q, kv, o,
+# fc, proj; TrOCR and BERT q, k, v, o, cross q, k, v, o, fc, proj; 2 layers each.
+PAIRINGS = {
+    "vit_gpt2": (*CONFIGS["proj_gelu"], 2 * 6 + 2 * 7),
+    "deit_trocr": (dict(CONFIGS["proj_gelu"][0], model_type="deit"), TROCR_SMALL, 2 * 6 + 2 * 10),
+    "vit_bert": (CONFIGS["proj_gelu"][0], dict(BERT, bos_token_id=2, eos_token_id=3), 32),
+}
 
-def test_lora_trains_adapters_only_and_merges_into_hf_weights(tmp_path):
-    enc, dec = CONFIGS["proj_gelu"]
+
+@pytest.mark.parametrize("pairing", list(PAIRINGS))
+def test_lora_trains_adapters_only_and_merges_into_hf_weights(tmp_path, pairing):
+    enc, dec, adapters = PAIRINGS[pairing]
     build_hf_model(enc, dec, scale=2.0).save_pretrained(tmp_path / "base")
     model = nc.from_pretrained(tmp_path / "base")
     pixels, ids, mask = (jnp.asarray(a) for a in make_inputs(enc, dec))
     before = model(pixels, ids, mask)
     frozen = jax.tree.map(np.asarray, nnx.state(model, nnx.Param))
-    # encoder: q, k, v, o, fc, proj; decoder: qkv, o, cross q, kv, o, fc, proj; 2 layers each
-    assert add_lora(model, rank=4) == 2 * 6 + 2 * 7
+    assert add_lora(model, rank=4) == adapters
     np.testing.assert_allclose(model(pixels, ids, mask), before, atol=1e-6)  # B starts at 0
 
     trainer = Trainer(model, TrainConfig(learning_rate=1e-2, total_steps=5, lora=True))

@@ -93,3 +93,25 @@ def test_a_hub_repo_with_only_a_bin_resolves_from_the_cache(hf_checkpoint, tmp_p
     (repo / "refs" / "main").write_text(commit)
     model = nc.from_pretrained("someorg/bin-only", cache_dir=str(tmp_path / "cache"))
     np.testing.assert_array_equal(model(pixels, ids, mask), want)
+
+
+def test_a_manga_ocr_style_bin_loads(hf_checkpoint, tmp_path):
+    """ViT + BERT as manga-ocr-base ships it: pytorch_model.bin only, with the position_ids
+    buffer and the tied projection and its bias stored again under cls.predictions.decoder."""
+    from parity.test_families import BERT
+
+    enc, _ = CONFIGS["proj_gelu"]
+    dec = dict(BERT, bos_token_id=2, eos_token_id=3)
+    _, path = hf_checkpoint(enc, dec, scale=3.0)
+    pixels, ids, mask = (jnp.asarray(a) for a in make_inputs(enc, dec))
+    want = nc.from_pretrained(path)(pixels, ids, mask)
+    state = _state_dict(path)
+    state["decoder.bert.embeddings.position_ids"] = torch.arange(dec["max_position_embeddings"])[
+        None
+    ]
+    state["decoder.cls.predictions.decoder.weight"] = state[
+        "decoder.bert.embeddings.word_embeddings.weight"
+    ]
+    state["decoder.cls.predictions.decoder.bias"] = state["decoder.cls.predictions.bias"]
+    torch.save(state, path / "pytorch_model.bin")
+    np.testing.assert_array_equal(nc.from_pretrained(path)(pixels, ids, mask), want)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
-from parity.test_families import TROCR_SMALL
+from parity.test_families import BERT, TROCR_SMALL
 from reference import CONFIGS, build_hf_model
 
 import nnx_caption as nc
@@ -50,6 +50,8 @@ def no_dropout(enc, dec):
     enc = dict(enc, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     if dec.get("model_type") == "trocr":
         return enc, dict(dec, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)
+    if dec.get("model_type") == "bert":
+        return enc, dict(dec, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     return enc, dict(dec, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
 
 
@@ -69,8 +71,8 @@ def test_loss_equals_hf_script(smoothing):
 @pytest.mark.parametrize(
     "accumulate, per_image, encoder, decoder",
     [(1, 1, "vit", None), (2, 1, "vit", None), (2, 2, "vit", None), (1, 1, "deit", None),
-     (1, 1, "deit", TROCR_SMALL)],
-    ids=["plain", "accumulate", "grouped", "deit", "deit_trocr"],
+     (1, 1, "deit", TROCR_SMALL), (1, 1, "vit", dict(BERT, bos_token_id=2, eos_token_id=3))],
+    ids=["plain", "accumulate", "grouped", "deit", "deit_trocr", "vit_bert"],
 )  # fmt: skip
 def test_adamw_steps_equal_torch(tmp_path, accumulate, per_image, encoder, decoder):
     """per_image 2: two images with two captions each, each image encoded once (and split
@@ -97,6 +99,7 @@ def test_adamw_steps_equal_torch(tmp_path, accumulate, per_image, encoder, decod
     params = dict(ref.named_parameters())
 
     def no_decay(n):
+        n = n.lower()
         return n.endswith("bias") or "layernorm" in n or "layer_norm" in n or ".ln_" in n
 
     decayed = [params[n] for n in sorted(names) if not no_decay(n)]

@@ -17,7 +17,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import nnx_caption as nc  # noqa: E402
-from nnx_caption.config import DeiTConfig, TrOCRConfig  # noqa: E402
+from nnx_caption.config import BertConfig, DeiTConfig, TrOCRConfig  # noqa: E402
 from nnx_caption.hf import path_str  # noqa: E402
 from nnx_caption.sharding import batch_sharding, make_mesh  # noqa: E402
 
@@ -81,6 +81,12 @@ def main(tiny_dir: str, meshes: list[tuple[int, int, int]]) -> None:
         pad_token_id=config.pad_token_id,
     )  # fmt: skip
     results["deit_trocr"] = other_families(dataclasses.replace(deit, decoder=trocr), inputs)
+    bert = BertConfig(
+        vocab_size=config.decoder.vocab_size, hidden_size=40, num_hidden_layers=2,
+        num_attention_heads=4, intermediate_size=56, max_position_embeddings=32,
+        pad_token_id=config.pad_token_id,
+    )  # fmt: skip
+    results["vit_bert"] = other_families(dataclasses.replace(config, decoder=bert), inputs)
     print(json.dumps(results))
 
 

@@ -47,12 +47,14 @@ def test_sharded_forward_equals_single_device(results, mesh):
 
 
 def test_other_families_shard_scan_and_remat_to_the_same_logits(results):
-    """DeiT + GPT-2 and DeiT + TrOCR on (2, 2, 2), scanned and rematerialised."""
+    """DeiT + GPT-2, DeiT + TrOCR and ViT + BERT on (2, 2, 2), scanned and rematerialised."""
     f, t = "'fsdp'", "'tensor'"
-    for pairing in ("deit", "deit_trocr"):
+    for pairing in ("deit", "deit_trocr", "vit_bert"):
         assert results[pairing]["max_diff_vs_single"] <= 1e-5, pairing
+    for pairing in ("deit", "deit_trocr"):
         assert results[pairing]["specs"]["encoder.embeddings.distillation"] == f"({f},)"  # as CLS
     specs = results["deit_trocr"]["specs"]
     assert specs["decoder.blocks.1.cross.k.kernel"].startswith(f"({f}, {t}")  # (embed, heads, kv)
     assert specs["decoder.lm_head.kernel"] == f"({f}, {t})"
     assert specs["decoder.wpe"] == f"(None, {f})"
+    assert results["vit_bert"]["specs"]["decoder.head_bias"] == f"({t},)"  # by vocab
