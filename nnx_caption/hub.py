@@ -32,6 +32,7 @@ TOKENIZER_FILES = (
     "vocab.json",
     "merges.txt",
     "vocab.txt",  # BERT's WordPiece
+    "sentencepiece.bpe.model",  # XLM-R's (trocr-small's)
     "added_tokens.json",
 )
 AUX_FILES = (*TOKENIZER_FILES, "preprocessor_config.json")  # travel with the weights

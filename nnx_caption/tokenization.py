@@ -1,6 +1,7 @@
 """Tokenizers as transformers builds them from a checkpoint's files, without transformers:
-GPT-2 and RoBERTa byte-level BPE (vocab.json + merges.txt), BERT WordPiece (vocab.txt), or
-any tokenizer.json. `tokenizer_config.json`'s `tokenizer_class` names the family (by the
+GPT-2 and RoBERTa byte-level BPE (vocab.json + merges.txt), BERT WordPiece (vocab.txt), XLM-R
+sentencepiece (sentencepiece.bpe.model, converted as transformers converts it), or any
+tokenizer.json. `tokenizer_config.json`'s `tokenizer_class` names the family (by the
 files when it is absent), and with it the named special tokens' defaults and the
 post-processor that adds them, as each transformers class sets them."""
 
@@ -20,6 +21,7 @@ from nnx_caption.files import read_json, replacing, write_json
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 SPECIAL_TOKENS_MAP = "special_tokens_map.json"
+SENTENCEPIECE_FILE = "sentencepiece.bpe.model"  # XLM-R's (trocr-small's)
 # The named special tokens, in the order transformers adds them.
 _NAMES = (
     "bos_token",
@@ -32,7 +34,9 @@ _NAMES = (
 )
 # Options of a family's build that its transformers class rebuilds the backend from: written
 # back to tokenizer_config.json so that transformers builds the same tokenizer.
-_BUILD_OPTIONS = ("do_lower_case", "strip_accents", "tokenize_chinese_chars", "trim_offsets")
+_BUILD_OPTIONS = (
+    "do_lower_case", "strip_accents", "tokenize_chinese_chars", "trim_offsets", "add_prefix_space"
+)  # fmt: skip
 
 
 def _byte_level_bpe(path: str, config: dict) -> _Backend:
@@ -67,6 +71,36 @@ def _word_piece(path: str, config: dict) -> _Backend:
     return backend
 
 
+def _sentencepiece(path: str, config: dict) -> _Backend:
+    """sentencepiece.bpe.model as XLMRobertaTokenizer converts it: the pieces with their
+    scores as a Unigram model in fairseq's ids (<s>, <pad>, </s>, <unk>, the pieces after the
+    model's own first three, then <mask>), its precompiled normalizer, and Metaspace."""
+    try:  # an optional dependency (nnx-caption[sentencepiece]): only this family needs it
+        from sentencepiece import sentencepiece_model_pb2
+    except ImportError:
+        raise ValueError(
+            f"{path}: an XLM-R sentencepiece tokenizer needs the sentencepiece package to read "
+            "its model: pip install 'nnx-caption[sentencepiece]' (or save the tokenizer once "
+            "with transformers, which writes a tokenizer.json that loads without it)"
+        ) from None
+    proto = sentencepiece_model_pb2.ModelProto()
+    with open(os.path.join(path, SENTENCEPIECE_FILE), "rb") as f:
+        proto.ParseFromString(f.read())
+    named = {k: _token_content(config.get(k, XLM_ROBERTA.specials[k])) for k in _NAMES}
+    first = [named[k] for k in ("bos_token", "pad_token", "eos_token", "unk_token")]
+    pieces = [(p.piece, p.score) for p in proto.pieces]
+    vocab = [(t, 0.0) for t in first] + pieces[3:] + [(named["mask_token"], 0.0)]
+    backend = _Backend(models.Unigram(vocab, unk_id=3, byte_fallback=False))
+    if proto.normalizer_spec.precompiled_charsmap:
+        backend.normalizer = normalizers.Precompiled(proto.normalizer_spec.precompiled_charsmap)
+    scheme = "always" if config.get("add_prefix_space", XLM_ROBERTA.add_prefix_space) else "never"
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace("▁", prepend_scheme=scheme)]
+    )
+    backend.decoder = decoders.Metaspace("▁", prepend_scheme=scheme)
+    return backend
+
+
 def _bos_eos_if_asked(backend: _Backend, tokens: dict, config: dict):
     """GPT2Tokenizer adds bos / eos only when the config asks (add_bos_token, add_eos_token)."""
     bos = tokens["bos_token"] if config.get("add_bos_token") else None
@@ -95,6 +129,16 @@ def _roberta(backend: _Backend, tokens: dict, config: dict):
     )
 
 
+def _bos_a_eos(backend: _Backend, tokens: dict, config: dict):
+    """<s> A </s> (</s> B </s>), XLMRobertaTokenizer's."""
+    bos, eos = tokens["bos_token"], tokens["eos_token"]
+    return processors.TemplateProcessing(
+        single=[bos, "$A", eos],
+        pair=[bos, "$A", eos, eos, "$B", eos],
+        special_tokens=[(bos, backend.token_to_id(bos)), (eos, backend.token_to_id(eos))],
+    )
+
+
 def _bert(backend: _Backend, tokens: dict, config: dict):
     """[CLS] A [SEP] (B [SEP])."""
     cls, sep = tokens["cls_token"], tokens["sep_token"]
@@ -115,6 +159,7 @@ class Family:
     build: Callable[[str, dict], _Backend]
     specials: dict[str, str | None]
     post_processor: Callable[[_Backend, dict, dict], Any]
+    add_prefix_space: bool = False  # its default where the config does not say
 
 
 _GPT2_SPECIAL = "<|endoftext|>"  # GPT2Tokenizer's default bos/eos/unk token
@@ -153,7 +198,15 @@ BERT = Family(
     },  # fmt: skip
     _bert,
 )
-FAMILIES = {f.name: f for f in (GPT2, ROBERTA, BERT)}
+XLM_ROBERTA = Family(
+    "XLMRobertaTokenizer",
+    (SENTENCEPIECE_FILE,),
+    _sentencepiece,
+    ROBERTA.specials,
+    _bos_a_eos,
+    add_prefix_space=True,
+)
+FAMILIES = {f.name: f for f in (GPT2, ROBERTA, BERT, XLM_ROBERTA)}
 
 
 def family_of(path: str, config: dict) -> Family:
@@ -168,9 +221,10 @@ def family_of(path: str, config: dict) -> Family:
                 f"{path}: tokenizer_class {name!r} is not one nnx-caption builds from its "
                 f"vocabulary files ({', '.join(FAMILIES)}); a tokenizer.json of it would load"
             )
-    if os.path.isfile(os.path.join(path, "vocab.txt")) and not os.path.isfile(
-        os.path.join(path, "vocab.json")
-    ):
+    has = lambda name: os.path.isfile(os.path.join(path, name))  # noqa: E731
+    if has(SENTENCEPIECE_FILE) and not has("vocab.json"):
+        return XLM_ROBERTA
+    if has("vocab.txt") and not has("vocab.json"):
         return BERT
     return GPT2
 
@@ -287,6 +341,15 @@ class Tokenizer:
             options={k: config[k] for k in _BUILD_OPTIONS if k in config},
         )
 
+    @property
+    def add_prefix_space(self) -> bool:
+        """Whether a space is put before the text: the byte-level pre-tokenizer's own flag,
+        else the config's (a sentencepiece Metaspace's prepend scheme), else the family's."""
+        flag = getattr(self.backend.pre_tokenizer, "add_prefix_space", None)
+        if flag is None:
+            flag = self.options.get("add_prefix_space", self.family.add_prefix_space)
+        return bool(flag)
+
     # -- ids -----------------------------------------------------------------------------------
 
     def _id(self, token: str | None) -> int | None:
@@ -391,9 +454,7 @@ class Tokenizer:
         config = {
             **self.options,
             "tokenizer_class": self.family.name,
-            "add_prefix_space": bool(
-                getattr(self.backend.pre_tokenizer, "add_prefix_space", False)
-            ),
+            "add_prefix_space": self.add_prefix_space,
             **{name: getattr(self, name) for name in _NAMES},
             "clean_up_tokenization_spaces": self.clean_up_tokenization_spaces,
         }

@@ -217,3 +217,23 @@ def test_tokenizer_round_trip(tokenizer_dir, tmp_path):
     assert [again.encode(t) for t in TEXTS] == [tok.encode(t) for t in TEXTS]
     config = json.loads((tmp_path / "tokenizer_config.json").read_text())
     assert config["tokenizer_class"] == "GPT2Tokenizer" and config["eos_token"] == EOT
+
+
+def test_a_sentencepiece_tokenizer_without_the_package_says_how_to_get_it(tmp_path, monkeypatch):
+    """XLM-R's sentencepiece.bpe.model needs the optional sentencepiece package to be read
+    (the accelerator image lacks it): its absence is a clear error, not an ImportError."""
+    import sys
+
+    (tmp_path / "sentencepiece.bpe.model").write_bytes(b"\x0a\x00")
+    (tmp_path / "tokenizer_config.json").write_text('{"tokenizer_class": "XLMRobertaTokenizer"}')
+    monkeypatch.setitem(sys.modules, "sentencepiece", None)  # as if not installed
+    with pytest.raises(ValueError, match=r"nnx-caption\[sentencepiece\]") as err:
+        Tokenizer.from_pretrained(tmp_path)
+    assert str(tmp_path) in str(err.value)
+
+
+def test_a_tokenizer_class_without_a_builder_or_tokenizer_json_is_named(tmp_path):
+    (tmp_path / "vocab.txt").write_text("[PAD]\n[UNK]\n")
+    (tmp_path / "tokenizer_config.json").write_text('{"tokenizer_class": "BertJapaneseTokenizer"}')
+    with pytest.raises(ValueError, match="BertJapaneseTokenizer"):
+        Tokenizer.from_pretrained(tmp_path)

@@ -1,6 +1,7 @@
-"""BERT WordPiece (vocab.txt) and RoBERTa BPE (vocab.json + merges.txt) tokenizers, built from
-their files as transformers' BertTokenizer and RobertaTokenizer build them: the same ids,
-special tokens and decoded text, on vocabularies trained here; and what we save, transformers
+"""BERT WordPiece (vocab.txt), RoBERTa BPE (vocab.json + merges.txt) and XLM-R sentencepiece
+(sentencepiece.bpe.model) tokenizers, built from their files as transformers' BertTokenizer,
+RobertaTokenizer and XLMRobertaTokenizer build them: the same ids, special tokens and decoded
+text, on vocabularies and a sentencepiece model trained here; and what we save, transformers
 loads as the same tokenizer."""
 
 from __future__ import annotations
@@ -79,10 +80,32 @@ def folders(tmp_path_factory):
     config = {"tokenizer_class": "RobertaTokenizer", "add_prefix_space": True}
     (prefix / "tokenizer_config.json").write_text(json.dumps(config))
     made["roberta_prefix_space"] = prefix
+    xlmr = root / "xlm_roberta"  # sentencepiece.bpe.model only (trocr-small's layout)
+    xlmr.mkdir()
+    _sentencepiece_model(xlmr / "sentencepiece.bpe.model", root / "corpus.txt")
+    config = {"tokenizer_class": "XLMRobertaTokenizer"}
+    (xlmr / "tokenizer_config.json").write_text(json.dumps(config))
+    made["xlm_roberta"] = xlmr
     return made
 
 
-LAYOUTS = ["bert_cased", "bert_bare", "bert_strip_accents", "roberta", "roberta_prefix_space"]
+def _sentencepiece_model(path, corpus) -> None:
+    """A BPE sentencepiece model trained here, as XLM-R's (<unk> 0, <s> 1, </s> 2)."""
+    import sentencepiece
+
+    corpus.write_text("\n".join(CORPUS * 20))
+    sentencepiece.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(path.with_suffix("")), vocab_size=150,
+        model_type="bpe", character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        minloglevel=2,
+    )  # fmt: skip
+    assert path.exists()  # model_prefix + ".model"
+
+
+LAYOUTS = [
+    "bert_cased", "bert_bare", "bert_strip_accents", "roberta", "roberta_prefix_space",
+    "xlm_roberta",
+]  # fmt: skip
 
 
 def _same(ours: Tokenizer, hf) -> None:
