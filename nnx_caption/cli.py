@@ -71,14 +71,16 @@ def _compose(args: argparse.Namespace) -> None:
     hub = from_namespace(ModelArgs, args)
     enc_dir = dataclasses.replace(hub, model_name_or_path=args.encoder).source()
     dec_dir = dataclasses.replace(hub, model_name_or_path=args.decoder).source()
-    model = from_encoder_decoder_pretrained(enc_dir, dec_dir, seed=args.seed)
+    tokens = {k: getattr(args, k) for k in COMPOSE_TOKENS}
+    model = from_encoder_decoder_pretrained(enc_dir, dec_dir, seed=args.seed, **tokens)
     save_pretrained(model, out)
     copied = copy_aux_files(dec_dir, out, TOKENIZER_FILES)
     copied += copy_aux_files(enc_dir, out, ("preprocessor_config.json",))
-    if not {"tokenizer.json", "vocab.json"} & set(copied):
+    if not {"tokenizer.json", "vocab.json", "vocab.txt", "sentencepiece.bpe.model"} & set(copied):
         print(
-            f"warning: {dec_dir} has no tokenizer files (tokenizer.json, or vocab.json + "
-            f"merges.txt): add the decoder's tokenizer to {out} before training",
+            f"warning: {dec_dir} has no tokenizer files (tokenizer.json, vocab.json + "
+            f"merges.txt, vocab.txt or sentencepiece.bpe.model): add the decoder's tokenizer "
+            f"to {out} before training",
             file=sys.stderr,
         )
     if "preprocessor_config.json" not in copied:
@@ -93,19 +95,33 @@ def _compose(args: argparse.Namespace) -> None:
         f"{cfg.decoder.num_layers}-layer {cfg.decoder.model_type}"
     )
     print(
-        f"composed {out}: {layers} with new cross-attention (seed {args.seed}); "
-        f"decoder_start={cfg.decoder_start_token_id} pad=eos={cfg.eos_token_id}; "
+        f"composed {out}: {layers}, new weights from seed {args.seed}; "
+        f"decoder_start={cfg.decoder_start_token_id} pad={cfg.pad_token_id} "
+        f"eos={cfg.eos_token_id}; "
         f"copied {', '.join(copied) or 'no tokenizer/processor files'}"
     )
 
 
+# compose's token flags, and what they default to (from_encoder_decoder_pretrained).
+COMPOSE_TOKENS = {
+    "decoder_start_token_id": "the decoder's bos_token_id",
+    "pad_token_id": "GPT-2: its eos; else the decoder's pad_token_id",
+    "eos_token_id": "the decoder's eos_token_id",
+}
+
+
 def _add_compose(sub) -> None:
-    help_ = "compose a captioner from a pretrained ViT and a pretrained GPT-2 (HF's create step)"
+    help_ = (
+        "compose a captioner from a pretrained ViT / DeiT and a pretrained GPT-2, TrOCR or BERT "
+        "decoder (HF's create step)"
+    )
     p = sub.add_parser("compose", help=help_, description=help_)
-    p.add_argument("--encoder", required=True, help="ViT checkpoint folder or hub repo id")
-    p.add_argument("--decoder", required=True, help="GPT-2 checkpoint folder or hub repo id")
+    p.add_argument("--encoder", required=True, help="ViT / DeiT checkpoint folder or hub repo id")
+    p.add_argument("--decoder", required=True, help="decoder checkpoint folder or hub repo id")
     add_argument(p, "output_dir", required=True, help="a new folder for the composed model")
     p.add_argument("--seed", type=int, default=0, help="seed of the new cross-attention weights")
+    for name, default in COMPOSE_TOKENS.items():
+        add_argument(p, name, type=int, default=None, help=f"(default: {default})")
     add_flags(p, ModelArgs, only=("revision", "cache_dir"))
 
 

@@ -286,8 +286,17 @@ def encoder_name(key: str, model_type: str = "vit") -> str | None:
     return None if key.startswith(ENCODER_HEADS) else "encoder." + key
 
 
-def decoder_name(key: str) -> str:
-    """A GPT2LMHeadModel / GPT2Model key (the original gpt2 repo has no prefix) -> its name."""
+def decoder_name(key: str, model_type: str = "gpt2") -> str | None:
+    """A decoder checkpoint's key -> its VisionEncoderDecoder name: GPT2LMHeadModel /
+    GPT2Model (the original gpt2 repo has no prefix), TrOCRForCausalLM, BertLMHeadModel /
+    BertForMaskedLM / BertModel (whose pooler is not part of the captioner)."""
+    if model_type == "trocr":
+        return "decoder." + key
+    if model_type == "bert":
+        if key.startswith("cls."):
+            return "decoder." + key
+        key = key.removeprefix("bert.")
+        return None if key.startswith("pooler.") else "decoder.bert." + key
     if key == "lm_head.weight":
         return "decoder.lm_head.weight"
     return "decoder.transformer." + key.removeprefix("transformer.")

@@ -201,3 +201,73 @@ def test_compose_cli_then_train(tmp_path, tiny_dir, capsys):
         - composed.decoder.blocks[0].cross.q.kernel[...]
     )
     assert float(jnp.abs(moved).max()) > 0
+
+
+# Other decoder families, as single-model checkpoints: (transformers class, its config).
+OTHER_DECODERS = {
+    "TrOCRForCausalLM": dict(
+        model_type="trocr", vocab_size=90, d_model=48, decoder_layers=2,
+        decoder_attention_heads=4, decoder_ffn_dim=40, max_position_embeddings=24,
+    ),
+    "BertLMHeadModel": dict(
+        model_type="bert", vocab_size=80, hidden_size=40, num_hidden_layers=2,
+        num_attention_heads=4, intermediate_size=56, max_position_embeddings=24,
+    ),
+    "BertModel": dict(
+        model_type="bert", vocab_size=80, hidden_size=32, num_hidden_layers=2,
+        num_attention_heads=4, intermediate_size=56, max_position_embeddings=24,
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("decoder_cls", list(OTHER_DECODERS))
+def test_compose_with_other_decoders_matches_transformers(tmp_path, decoder_cls):
+    """A DeiT with a TrOCRForCausalLM (whose blocks already cross-attend), a BertLMHeadModel
+    and a bare BertModel (no head: it is new): the same tensors as transformers' composition,
+    the loaded ones the sources', and transformers' logits for the saved checkpoint."""
+    import transformers
+    from transformers import AutoConfig, VisionEncoderDecoderModel
+
+    torch.manual_seed(0)
+    transformers.DeiTModel(transformers.DeiTConfig(**ENC)).save_pretrained(tmp_path / "deit")
+    spec = dict(OTHER_DECODERS[decoder_cls])
+    config = AutoConfig.for_model(spec.pop("model_type"), is_decoder=True, **spec)
+    getattr(transformers, decoder_cls)(config).save_pretrained(tmp_path / "decoder")
+    tokens = dict(decoder_start_token_id=2, eos_token_id=3)
+    model = nc.from_encoder_decoder_pretrained(tmp_path / "deit", tmp_path / "decoder", **tokens)
+    nc.save_pretrained(model, tmp_path / "ours")
+    ref = hf_compose(tmp_path / "deit", tmp_path / "decoder")
+    ref.save_pretrained(tmp_path / "ref")
+
+    ours = load_file(tmp_path / "ours" / "model.safetensors")
+    theirs = load_file(tmp_path / "ref" / "model.safetensors")
+    assert set(ours) == set(theirs)
+    sources = {
+        "encoder." + k: v for k, v in load_file(tmp_path / "deit" / "model.safetensors").items()
+    }
+    prefix = {"BertModel": "decoder.bert."}.get(decoder_cls, "decoder.")
+    decoder_file = load_file(tmp_path / "decoder" / "model.safetensors")
+    sources |= {prefix + k: v for k, v in decoder_file.items() if not k.startswith("pooler.")}
+    new = [name for name in ours if name not in sources and "pooler" not in name]
+    for name, value in ours.items():
+        if "pooler" in name:  # unused by the captioner; exported as zeros
+            continue
+        if name in sources:
+            np.testing.assert_array_equal(value, sources[name], err_msg=name)
+            np.testing.assert_array_equal(value, theirs[name], err_msg=name)
+        elif "LayerNorm" in name or name.endswith("bias"):  # ones / zeros, as transformers'
+            np.testing.assert_array_equal(value, theirs[name], err_msg=name)
+    if decoder_cls == "TrOCRForCausalLM":  # its blocks hold cross-attention: only the width
+        assert sorted({n.split(".")[0] for n in new}) == ["enc_to_dec_proj"], new
+    else:
+        assert any("crossattention" in n for n in new), new
+        assert ("decoder.cls.predictions.bias" in new) == (decoder_cls == "BertModel"), new
+
+    back = VisionEncoderDecoderModel.from_pretrained(
+        tmp_path / "ours", attn_implementation="eager"
+    ).eval()
+    dec = dict(vocab_size=spec["vocab_size"])
+    pixels, ids, mask = make_inputs(ENC, dec)
+    want = torch_forward(back, pixels, ids, mask).logits
+    got = model(jnp.asarray(pixels), jnp.asarray(ids), jnp.asarray(mask))
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-4, rtol=0)
