@@ -162,3 +162,34 @@ def test_bench_times_the_step_train_runs_with_the_same_flags(tmp_path):
     )
     plain = dataclasses.replace(TrainConfig.of(as_train, **derived), label_smoothing_factor=0.0)
     assert not np.allclose(result["losses"], losses(plain), rtol=1e-3)
+
+
+def _family_config(decoder: str):
+    """tiny() with a TrOCR or BERT decoder of its vocabulary and ids."""
+    from nnx_caption.config import BertConfig, TrOCRConfig
+
+    base = tiny()
+    v = base.decoder.vocab_size
+    decoders = {
+        "trocr": TrOCRConfig(vocab_size=v, d_model=48, decoder_layers=2, decoder_attention_heads=4,
+                             decoder_ffn_dim=64, max_position_embeddings=32, pad_token_id=0,
+                             tie_word_embeddings=False),
+        "bert": BertConfig(vocab_size=v, hidden_size=48, num_hidden_layers=2,
+                           num_attention_heads=4, intermediate_size=64,
+                           max_position_embeddings=32),
+    }  # fmt: skip
+    return dataclasses.replace(base, decoder=decoders[decoder])
+
+
+@pytest.mark.parametrize("decoder", ["trocr", "bert"])
+def test_bench_runs_every_decoder_family(tmp_path, decoder):
+    import nnx_caption as nc
+
+    nc.save_pretrained(nc.VisionEncoderDecoder(_family_config(decoder), rngs=nnx.Rngs(0)), tmp_path)
+    out = tmp_path / "out"
+    argv = ["bench", "--model_name_or_path", str(tmp_path), "--what", "both", "--steps", "1",
+            "--warmup", "0", "--target_length", "8", "--output_dir", str(out)]  # fmt: skip
+    assert cli(argv) == 0
+    results = json.loads((out / "bench.json").read_text())
+    assert sorted(r["what"] for r in results) == ["decode", "train"]
+    assert all(r["flops_per_step"] > 0 and r["examples_per_s"] > 0 for r in results)

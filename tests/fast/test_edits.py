@@ -297,3 +297,58 @@ def test_xla_flop_count_sees_the_edit(tiny_dir, gated_cls):
     )
     # A second cross-attention per block: more than the stock step, less than twice it.
     assert 1.05 < ratio < 2.0, ratio
+
+
+def test_an_edited_trocr_block_loads_generates_scans_and_round_trips(tmp_path):
+    """The hooks on another decoder family: a TrOCR block subclass (block_cls) with a new
+    parameter read in its image_kv, in a decoder_cls subclass. Neutral at 1 it gives the
+    checkpoint's logits and tokens, unrolled or scanned; changed, it saves in the NNX layout
+    (HF's has no name for it) and loads back exactly."""
+    from nnx_caption.config import TrOCRConfig
+    from nnx_caption.trocr import TrOCR, TrOCRBlock
+
+    class GatedValues(TrOCRBlock):
+        def __init__(self, cfg, *, dtype, param_dtype, rngs):
+            super().__init__(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+            self.gate = nnx.Param(jnp.ones((), param_dtype))
+
+        def image_kv(self, image):
+            k, v = super().image_kv(image)
+            return k, v * self.gate[...]
+
+    class GatedTrOCR(TrOCR):
+        block_cls = GatedValues
+
+    class Gated(nc.VisionEncoderDecoder):
+        decoder_cls = GatedTrOCR
+
+    base = tiny()
+    decoder = TrOCRConfig(
+        vocab_size=base.decoder.vocab_size, d_model=48, decoder_layers=2,
+        decoder_attention_heads=4, decoder_ffn_dim=64, max_position_embeddings=32, pad_token_id=0,
+        use_learned_position_embeddings=False,
+    )  # fmt: skip
+    config = dataclasses.replace(base, decoder=decoder)
+    nc.save_pretrained(nc.VisionEncoderDecoder(config, rngs=nnx.Rngs(0)), tmp_path / "base")
+    rng = np.random.default_rng(0)
+    pixels = jnp.asarray(rng.standard_normal((2, 32, 32, 3), np.float32))
+    ids = jnp.asarray(rng.integers(1, 512, (2, 6)), jnp.int32)
+    original = nc.from_pretrained(tmp_path / "base")
+    new = (r"decoder\.blocks\.\d+\.gate",)
+    for execution in (Execution(), Execution(scan=True, remat=True)):
+        edited = nc.from_pretrained(
+            tmp_path / "base", model_cls=Gated, new_params=new, execution=execution
+        )
+        np.testing.assert_allclose(edited(pixels, ids), original(pixels, ids), atol=1e-5)
+        np.testing.assert_array_equal(
+            nc.generate(edited, pixels, max_length=8).sequences,
+            nc.generate(original, pixels, max_length=8).sequences,
+        )
+    edited.decoder.blocks[1].gate[...] = jnp.asarray(3.0)
+    changed = edited(pixels, ids)
+    assert np.abs(np.asarray(changed - original(pixels, ids))).max() > 1e-4
+    with pytest.raises(nc.CheckpointError, match="gate"):
+        nc.save_pretrained(edited, tmp_path / "hf")
+    nc.save_pretrained(edited, tmp_path / "nnx", layout="nnx")
+    back = nc.from_pretrained(tmp_path / "nnx", model_cls=Gated, execution=execution)
+    np.testing.assert_array_equal(back(pixels, ids), changed)
