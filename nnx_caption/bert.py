@@ -16,7 +16,7 @@ from flax import nnx
 
 from nnx_caption.config import BertConfig
 from nnx_caption.execution import Execution
-from nnx_caption.gpt2 import GPT2
+from nnx_caption.gpt2 import GPT2, embedding_table, output_projection
 from nnx_caption.layers import ACTIVATIONS, Dense, LayerNorm, dropout
 from nnx_caption.trocr import TrOCRBlock
 
@@ -51,26 +51,20 @@ class Bert(GPT2):
         rngs: nnx.Rngs,
     ):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        e, std = cfg.hidden_size, cfg.initializer_range
+        e = cfg.hidden_size
         self.cfg = cfg
 
         def table(rows: int, axes: tuple) -> nnx.Param:
-            return nnx.Param(
-                std * jax.random.normal(rngs.params(), (rows, e), param_dtype), axes=axes
-            )
+            return embedding_table(cfg, rows, axes, param_dtype, rngs)
 
         self.wte = table(cfg.vocab_size, ("vocab", "embed"))  # word_embeddings
         self.wpe = table(cfg.max_position_embeddings, (None, "embed"))
         self.token_type = table(cfg.type_vocab_size, (None, "embed"))
         self.ln_embedding = LayerNorm(e, cfg.layer_norm_eps, param_dtype=param_dtype)
         self.blocks = nnx.List([self.block_cls(cfg, **kw) for _ in range(cfg.num_hidden_layers)])
-        self.head_dense = Dense(e, e, ("embed", "mlp"), init_std=std, **kw)  # transform.dense
+        self.head_dense = Dense(e, e, ("embed", "mlp"), init_std=cfg.init_std, **kw)  # transform
         self.head_ln = LayerNorm(e, cfg.layer_norm_eps, param_dtype=param_dtype)
-        self.lm_head = (
-            None
-            if cfg.tie_word_embeddings
-            else Dense(e, cfg.vocab_size, ("embed", "vocab"), use_bias=False, init_std=std, **kw)
-        )
+        self.lm_head = output_projection(cfg, **kw)
         self.head_bias = nnx.Param(
             jnp.zeros((cfg.vocab_size,), param_dtype), axes=("vocab",), weight_decay=False
         )

@@ -15,6 +15,7 @@ from nnx_caption.config import (
     ENCODER_CONFIGS,
     CaptionConfig,
     ConfigError,
+    first_given,
     pick_fields,
     read_json,
 )
@@ -77,9 +78,8 @@ def from_encoder_decoder_pretrained(
     dec = _part_config(dec_dir, DECODER_CONFIGS, "decoder")
     family = dec["model_type"]
     decoder_cfg = pick_fields(DECODER_CONFIGS[family], dec, "decoder")
-    eos = eos_token_id if eos_token_id is not None else decoder_cfg.eos_token_id
-    start = decoder_start_token_id
-    start = start if start is not None else decoder_cfg.bos_token_id
+    eos = first_given(eos_token_id, decoder_cfg.eos_token_id)
+    start = first_given(decoder_start_token_id, decoder_cfg.bos_token_id)
     if start is None or eos is None:
         raise ConfigError(
             f"{dec_dir}/config.json sets no bos_token_id / eos_token_id: pass "
@@ -87,8 +87,7 @@ def from_encoder_decoder_pretrained(
             "--eos_token_id), e.g. BERT's [CLS] and [SEP] ids"
         )
     # GPT-2 has no pad token: it pads with its eos, as HF's captioning example does.
-    candidates = (pad_token_id, getattr(decoder_cfg, "pad_token_id", None), eos)
-    pad = next(t for t in candidates if t is not None)
+    pad = first_given(pad_token_id, getattr(decoder_cfg, "pad_token_id", None), eos)
     config = CaptionConfig(
         encoder=pick_fields(ENCODER_CONFIGS[enc["model_type"]], enc, "encoder"),
         decoder=decoder_cfg,

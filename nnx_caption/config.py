@@ -97,6 +97,7 @@ class GPT2Config:
 
     # Every decoder config's names for what code outside its model file reads.
     width_and_heads_fields: ClassVar[tuple[str, str]] = ("n_embd", "n_head")
+    activation_field: ClassVar[str] = "activation_function"
     width = property(lambda self: self.n_embd)
     num_layers = property(lambda self: self.n_layer)
     num_heads = property(lambda self: self.n_head)
@@ -135,6 +136,7 @@ class TrOCRConfig:
         return self.d_model // self.decoder_attention_heads
 
     width_and_heads_fields: ClassVar[tuple[str, str]] = ("d_model", "decoder_attention_heads")
+    activation_field: ClassVar[str] = "activation_function"
     width = property(lambda self: self.d_model)
     num_layers = property(lambda self: self.decoder_layers)
     num_heads = property(lambda self: self.decoder_attention_heads)
@@ -171,6 +173,7 @@ class BertConfig:
         return self.hidden_size // self.num_attention_heads
 
     width_and_heads_fields: ClassVar[tuple[str, str]] = ("hidden_size", "num_attention_heads")
+    activation_field: ClassVar[str] = "hidden_act"
     width = property(lambda self: self.hidden_size)
     num_layers = property(lambda self: self.num_hidden_layers)
     num_heads = property(lambda self: self.num_attention_heads)
@@ -243,9 +246,9 @@ class CaptionConfig:
             raise ConfigError("decoder.cross_attention_hidden_size must equal encoder.hidden_size")
         encoder = pick_fields(ENCODER_CONFIGS[enc["model_type"]], enc, "encoder")
         decoder = pick_fields(DECODER_CONFIGS[dec["model_type"]], dec, "decoder")
-        eos = _first(hf.get("eos_token_id"), decoder.eos_token_id)
-        start = _first(hf.get("decoder_start_token_id"), decoder.bos_token_id)
-        pad = _first(hf.get("pad_token_id"), dec.get("pad_token_id"), eos)
+        eos = first_given(hf.get("eos_token_id"), decoder.eos_token_id)
+        start = first_given(hf.get("decoder_start_token_id"), decoder.bos_token_id)
+        pad = first_given(hf.get("pad_token_id"), dec.get("pad_token_id"), eos)
         if start is None or eos is None:
             raise ConfigError("decoder_start_token_id and eos_token_id must be set in config.json")
         # Older checkpoints keep generation defaults in config.json; generation_config.json wins.
@@ -304,10 +307,9 @@ class CaptionConfig:
         for ok, what in checks:
             if not ok:
                 raise ConfigError(f"{what} must be 0")
-        act_field = "hidden_act" if d.model_type == "bert" else "activation_function"
         acts = (
             ("encoder.hidden_act", e.hidden_act),
-            (f"decoder.{act_field}", getattr(d, act_field)),
+            (f"decoder.{d.activation_field}", getattr(d, d.activation_field)),
         )
         if getattr(d, "position_embedding_type", "absolute") != "absolute":
             raise ConfigError(
@@ -325,7 +327,8 @@ class CaptionConfig:
 _GEN_FIELDS = {f.name for f in dataclasses.fields(GenerationConfig)}
 
 
-def _first(*values: Any) -> Any:
+def first_given(*values: Any) -> Any:
+    """The first of `values` that is not None (0 counts), else None."""
     return next((v for v in values if v is not None), None)
 
 

@@ -192,6 +192,22 @@ class GPT2Block(nnx.Module):
         return cache, constrain(x, ("batch", "seq", "act_embed"))
 
 
+def embedding_table(cfg: Any, rows: int, axes: tuple, param_dtype, rngs: nnx.Rngs) -> nnx.Param:
+    """A (rows, width) embedding table drawn normal(0, init_std), as transformers initialises
+    any decoder family's embeddings."""
+    shape = (rows, cfg.width)
+    return nnx.Param(cfg.init_std * jax.random.normal(rngs.params(), shape, param_dtype), axes=axes)
+
+
+def output_projection(cfg: Any, **kw) -> Dense | None:
+    """The LM head (E -> V, no bias), or None where the config ties it to the token embedding."""
+    if cfg.tie_word_embeddings:
+        return None
+    return Dense(
+        cfg.width, cfg.vocab_size, ("embed", "vocab"), use_bias=False, init_std=cfg.init_std, **kw
+    )
+
+
 class GPT2(nnx.Module):
     block_cls = GPT2Block  # a subclass swaps in its own block here
 
@@ -205,23 +221,12 @@ class GPT2(nnx.Module):
         rngs: nnx.Rngs,
     ):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        e, std = cfg.n_embd, cfg.initializer_range
         self.cfg = cfg
-        self.wte = nnx.Param(
-            std * jax.random.normal(rngs.params(), (cfg.vocab_size, e), param_dtype),
-            axes=("vocab", "embed"),
-        )
-        self.wpe = nnx.Param(
-            std * jax.random.normal(rngs.params(), (cfg.n_positions, e), param_dtype),
-            axes=(None, "embed"),
-        )
+        self.wte = embedding_table(cfg, cfg.vocab_size, ("vocab", "embed"), param_dtype, rngs)
+        self.wpe = embedding_table(cfg, cfg.n_positions, (None, "embed"), param_dtype, rngs)
         self.blocks = nnx.List([self.block_cls(cfg, **kw) for _ in range(cfg.n_layer)])
-        self.ln_f = LayerNorm(e, cfg.layer_norm_epsilon, param_dtype=param_dtype)
-        self.lm_head = (
-            None
-            if cfg.tie_word_embeddings
-            else Dense(e, cfg.vocab_size, ("embed", "vocab"), use_bias=False, init_std=std, **kw)
-        )
+        self.ln_f = LayerNorm(cfg.n_embd, cfg.layer_norm_epsilon, param_dtype=param_dtype)
+        self.lm_head = output_projection(cfg, **kw)
         self.dtype = dtype
         # scan / remat: how the blocks run, never what they compute (CaptionConfig.execution)
         self.execution = execution or Execution()

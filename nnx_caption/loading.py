@@ -27,6 +27,7 @@ from nnx_caption.safetensors_io import (
     CheckpointError,
     NonFiniteError,
     SafetensorsReader,
+    TensorReader,
 )
 from nnx_caption.sharding import param_sharding, place
 from nnx_caption.torch_pickle import TorchPickleReader
@@ -192,7 +193,7 @@ class Loader:
         return f"{path} (HF {self.weights.to_hf(path)[0]})"
 
 
-def open_weights(file: str) -> SafetensorsReader | TorchPickleReader:
+def open_weights(file: str) -> TensorReader:
     """A reader of tensors one at a time, for safetensors or a PyTorch state dict (.bin)."""
     return TorchPickleReader(file) if file.endswith(".bin") else SafetensorsReader(file)
 

@@ -166,10 +166,9 @@ class ImageProcessor:
         self.do_resize = bool(do_resize)
         self.height, self.width = _parse_size(size)
         self.resample = int(resample)
-        self.do_center_crop = bool(do_center_crop)
-        if self.do_center_crop and crop_size is None:
+        if do_center_crop and crop_size is None:
             raise ValueError("do_center_crop is set without a crop_size")
-        self.crop = _parse_size(crop_size) if self.do_center_crop else None  # (height, width)
+        self.crop = _parse_size(crop_size) if do_center_crop else None  # (height, width)
         self.do_rescale = bool(do_rescale)
         self.rescale_factor = float(rescale_factor)
         self.do_normalize = bool(do_normalize)

@@ -41,7 +41,7 @@ DTYPES = {
     "BOOL": np.dtype(np.bool_),
 }
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
-_NAMES = {v: k for k, v in DTYPES.items()}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}  # numpy dtype -> safetensors' name
 # The reference parser's limits: header at most 100 MB; every count and offset a u64.
 MAX_HEADER_BYTES = 100_000_000
 _U64 = 2**64
@@ -176,7 +176,39 @@ class NonFiniteError(CheckpointError):
     """A weight tensor holding NaN or Inf."""
 
 
-class SafetensorsReader:
+class TensorReader:
+    """What every weights-file reader shares (safetensors here, PyTorch state dicts in
+    torch_pickle): `path`, `metadata`, `entries` by key, dtype_name / shape / read per key,
+    the NaN / Inf check on what it reads, and closing as a context manager."""
+
+    path: str
+
+    def _dtype(self, key: str) -> np.dtype:
+        raise NotImplementedError
+
+    def dtype_name(self, key: str) -> str:
+        return DTYPE_NAMES[self._dtype(key)]
+
+    def _checked(self, key: str, array: np.ndarray, allow_nonfinite: bool) -> np.ndarray:
+        """The array read for `key`; NonFiniteError when it holds NaN or Inf, unless allowed."""
+        if not allow_nonfinite:
+            try:
+                check_finite(key, array)
+            except ValueError as err:
+                raise NonFiniteError(f"{self.path}: {err}") from None
+        return array
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> TensorReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class SafetensorsReader(TensorReader):
     """Reads tensors one at a time from a .safetensors file, validating the header first."""
 
     def __init__(self, path: str | os.PathLike):
@@ -204,8 +236,8 @@ class SafetensorsReader:
         self._file.close()
         raise CheckpointError(f"{self.path}: {what}")
 
-    def dtype_name(self, key: str) -> str:
-        return _NAMES[self.entries[key][0]]
+    def _dtype(self, key: str) -> np.dtype:
+        return self.entries[key][0]
 
     def shape(self, key: str) -> tuple[int, ...]:
         return self.entries[key][1]
@@ -217,21 +249,10 @@ class SafetensorsReader:
         self._file.seek(self._start + begin)
         if self._file.readinto(out.reshape(-1).view(np.uint8)) != end - begin:
             raise CheckpointError(f"{self.path}: short read of tensor {key!r}: file changed?")
-        if not allow_nonfinite:
-            try:
-                check_finite(key, out)
-            except ValueError as err:
-                raise NonFiniteError(f"{self.path}: {err}") from None
-        return out
+        return self._checked(key, out, allow_nonfinite)
 
     def close(self) -> None:
         self._file.close()
-
-    def __enter__(self) -> SafetensorsReader:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 # name, shape, dtype, and a function producing the array when its turn comes.
@@ -249,7 +270,7 @@ def write_safetensors(
     for name, shape, dtype, _ in tensors:
         nbytes = math.prod(shape) * np.dtype(dtype).itemsize
         header[name] = {
-            "dtype": _NAMES[np.dtype(dtype)],
+            "dtype": DTYPE_NAMES[np.dtype(dtype)],
             "shape": list(shape),
             "data_offsets": [offset, offset + nbytes],
         }

@@ -39,7 +39,7 @@ _BUILD_OPTIONS = (
 )  # fmt: skip
 
 
-def _byte_level_bpe(path: str, config: dict) -> _Backend:
+def _byte_level_bpe(path: str, config: dict, tokens: dict) -> _Backend:
     """vocab.json + merges.txt, as GPT2Tokenizer and RobertaTokenizer build them."""
     bpe = models.BPE.from_file(
         os.path.join(path, "vocab.json"),
@@ -49,16 +49,16 @@ def _byte_level_bpe(path: str, config: dict) -> _Backend:
         fuse_unk=False,
     )
     backend = _Backend(bpe)
-    prefix = bool(config.get("add_prefix_space", False))
+    prefix = bool(config["add_prefix_space"])
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=prefix)
     backend.decoder = decoders.ByteLevel()
     return backend
 
 
-def _word_piece(path: str, config: dict) -> _Backend:
+def _word_piece(path: str, config: dict, tokens: dict) -> _Backend:
     """vocab.txt, as BertTokenizer builds it."""
-    unk = _token_content(config.get("unk_token", "[UNK]"))
-    backend = _Backend(models.WordPiece.from_file(os.path.join(path, "vocab.txt"), unk_token=unk))
+    vocab = os.path.join(path, "vocab.txt")
+    backend = _Backend(models.WordPiece.from_file(vocab, unk_token=tokens["unk_token"]))
     lower = bool(config.get("do_lower_case", True))
     backend.normalizer = normalizers.BertNormalizer(
         clean_text=True,
@@ -71,7 +71,7 @@ def _word_piece(path: str, config: dict) -> _Backend:
     return backend
 
 
-def _sentencepiece(path: str, config: dict) -> _Backend:
+def _sentencepiece(path: str, config: dict, tokens: dict) -> _Backend:
     """sentencepiece.bpe.model as XLMRobertaTokenizer converts it: the pieces with their
     scores as a Unigram model in fairseq's ids (<s>, <pad>, </s>, <unk>, the pieces after the
     model's own first three, then <mask>), its precompiled normalizer, and Metaspace."""
@@ -86,14 +86,13 @@ def _sentencepiece(path: str, config: dict) -> _Backend:
     proto = sentencepiece_model_pb2.ModelProto()
     with open(os.path.join(path, SENTENCEPIECE_FILE), "rb") as f:
         proto.ParseFromString(f.read())
-    named = {k: _token_content(config.get(k, XLM_ROBERTA.specials[k])) for k in _NAMES}
-    first = [named[k] for k in ("bos_token", "pad_token", "eos_token", "unk_token")]
+    first = [tokens[k] for k in ("bos_token", "pad_token", "eos_token", "unk_token")]
     pieces = [(p.piece, p.score) for p in proto.pieces]
-    vocab = [(t, 0.0) for t in first] + pieces[3:] + [(named["mask_token"], 0.0)]
+    vocab = [(t, 0.0) for t in first] + pieces[3:] + [(tokens["mask_token"], 0.0)]
     backend = _Backend(models.Unigram(vocab, unk_id=3, byte_fallback=False))
     if proto.normalizer_spec.precompiled_charsmap:
         backend.normalizer = normalizers.Precompiled(proto.normalizer_spec.precompiled_charsmap)
-    scheme = "always" if config.get("add_prefix_space", XLM_ROBERTA.add_prefix_space) else "never"
+    scheme = "always" if config["add_prefix_space"] else "never"
     backend.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace("▁", prepend_scheme=scheme)]
     )
@@ -156,7 +155,7 @@ class Family:
 
     name: str  # tokenizer_class, as tokenizer_config.json records it
     files: tuple[str, ...]
-    build: Callable[[str, dict], _Backend]
+    build: Callable[[str, dict, dict], _Backend]  # (folder, config, named special tokens)
     specials: dict[str, str | None]
     post_processor: Callable[[_Backend, dict, dict], Any]
     add_prefix_space: bool = False  # its default where the config does not say
@@ -250,7 +249,7 @@ def _id_list(ids: Any) -> list[int]:
     return [ids] if isinstance(ids, int) else ids
 
 
-def _load_backend(path: str, family: Family, config: dict) -> _Backend:
+def _load_backend(path: str, family: Family, config: dict, tokens: dict) -> _Backend:
     tokenizer_file = os.path.join(path, TOKENIZER_FILE)
     files = [os.path.join(path, n) for n in family.files]
     if not os.path.isfile(tokenizer_file) and not all(map(os.path.isfile, files)):
@@ -261,7 +260,7 @@ def _load_backend(path: str, family: Family, config: dict) -> _Backend:
     try:
         if os.path.isfile(tokenizer_file):
             return _Backend.from_file(tokenizer_file)
-        return family.build(path, config)
+        return family.build(path, config, tokens)
     except Exception as e:  # tokenizers raises plain Exceptions on malformed files
         raise ValueError(f"cannot load the tokenizer in {path!r}: {e}") from e
 
@@ -303,12 +302,13 @@ class Tokenizer:
             # Legacy special_tokens_map.json overrides the config, as in transformers.
             config.update(read_json(os.path.join(path, SPECIAL_TOKENS_MAP)) or {})
         family = family_of(path, config)
-        backend = _load_backend(path, family, config)
+        config = {"add_prefix_space": family.add_prefix_space, **config}
+        named = [config.get(k, family.specials.get(k)) for k in _NAMES]
+        specials = {k: _token_content(t) for k, t in zip(_NAMES, named, strict=True)}
+        backend = _load_backend(path, family, config, specials)
 
         # Tokens the config adds, then the named and extra special tokens, skipping those the
         # backend already has (as transformers does).
-        named = [config.get(k, family.specials.get(k)) for k in _NAMES]
-        specials = {k: _token_content(t) for k, t in zip(_NAMES, named, strict=True)}
         extra = config.get("extra_special_tokens") or config.get("additional_special_tokens") or []
         extra = list(extra.values()) if isinstance(extra, dict) else list(extra)
         added = sorted(config.get("added_tokens_decoder", {}).items(), key=lambda kv: int(kv[0]))

@@ -23,12 +23,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from nnx_caption.safetensors_io import (
-    _NAMES,
-    CheckpointError,
-    NonFiniteError,
-    check_finite,
-)
+from nnx_caption.safetensors_io import CheckpointError, TensorReader
 
 # torch's typed storage classes, as `torch.save` names them, and their element types.
 STORAGES = {
@@ -141,7 +136,7 @@ class _StateDictUnpickler(pickle._Unpickler):
         inst.__dict__.update(state)
 
 
-class TorchPickleReader:
+class TorchPickleReader(TensorReader):
     """Reads tensors one at a time from a `torch.save` zip archive of a state dict."""
 
     def __init__(self, path: str | os.PathLike):
@@ -186,8 +181,8 @@ class TorchPickleReader:
         self._zip.close()
         raise CheckpointError(f"{self.path}: {what}")
 
-    def dtype_name(self, key: str) -> str:
-        return _NAMES[self.entries[key].storage.dtype]
+    def _dtype(self, key: str) -> np.dtype:
+        return self.entries[key].storage.dtype
 
     def shape(self, key: str) -> tuple[int, ...]:
         return self.entries[key].shape
@@ -207,18 +202,7 @@ class TorchPickleReader:
         out = np.lib.stride_tricks.as_strided(
             storage[t.offset :], t.shape, [s * size for s in t.stride], writeable=False
         ).copy()
-        if not allow_nonfinite:
-            try:
-                check_finite(key, out)
-            except ValueError as err:
-                raise NonFiniteError(f"{self.path}: {err}") from None
-        return out
+        return self._checked(key, out, allow_nonfinite)
 
     def close(self) -> None:
         self._zip.close()
-
-    def __enter__(self) -> TorchPickleReader:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()

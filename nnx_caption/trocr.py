@@ -22,7 +22,16 @@ from flax import nnx
 
 from nnx_caption.config import TrOCRConfig
 from nnx_caption.execution import Execution
-from nnx_caption.gpt2 import GPT2, KV, CrossAttention, GPT2Block, Scale, SelfAttention
+from nnx_caption.gpt2 import (
+    GPT2,
+    KV,
+    CrossAttention,
+    GPT2Block,
+    Scale,
+    SelfAttention,
+    embedding_table,
+    output_projection,
+)
 from nnx_caption.layers import MLP, Dense, LayerNorm, dropout, heads_first
 from nnx_caption.sharding import constrain
 
@@ -158,20 +167,12 @@ class TrOCR(GPT2):
         rngs: nnx.Rngs,
     ):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        e, std = cfg.d_model, cfg.init_std
+        e = cfg.d_model
         self.cfg = cfg
-        self.wte = nnx.Param(  # embed_tokens
-            std * jax.random.normal(rngs.params(), (cfg.vocab_size, e), param_dtype),
-            axes=("vocab", "embed"),
-        )
+        self.wte = embedding_table(cfg, cfg.vocab_size, ("vocab", "embed"), param_dtype, rngs)
+        rows = cfg.max_position_embeddings + POSITION_OFFSET  # learned positions start at row 2
         self.wpe = (
-            nnx.Param(
-                std
-                * jax.random.normal(
-                    rngs.params(), (cfg.max_position_embeddings + 2, e), param_dtype
-                ),
-                axes=(None, "embed"),
-            )
+            embedding_table(cfg, rows, (None, "embed"), param_dtype, rngs)
             if cfg.use_learned_position_embeddings
             else None
         )
@@ -181,11 +182,7 @@ class TrOCR(GPT2):
             else None
         )
         self.blocks = nnx.List([self.block_cls(cfg, **kw) for _ in range(cfg.decoder_layers)])
-        self.lm_head = (  # output_projection
-            None
-            if cfg.tie_word_embeddings
-            else Dense(e, cfg.vocab_size, ("embed", "vocab"), use_bias=False, init_std=std, **kw)
-        )
+        self.lm_head = output_projection(cfg, **kw)  # output_projection
         self.embed_scale = math.sqrt(e) if cfg.scale_embedding else 1.0
         self.dtype = dtype
         self.execution = execution or Execution()
